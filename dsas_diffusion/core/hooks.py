@@ -1,0 +1,122 @@
+"""Forward hooks on named modules: capture pooled activations for fitting, or steer them.
+
+Both are plain torch hooks kept as handles and removed in `remove()`, so detaching leaves the
+model exactly as it was; all per-call state lives on the hook set object, never on a class or a
+module, so two models (or two attachments) in one process stay independent.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .modules import get_module
+
+PreForward = Callable[["HookSet", tuple, dict], None]
+
+
+def as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """View (B, K, D) activations as they are and (B, C, H, W) ones as (B, H*W, C); return the inverse."""
+    if x.dim() == 3:
+        return x, lambda y: y
+    if x.dim() == 4:
+        b, c, h, w = x.shape
+        return x.flatten(2).transpose(1, 2), lambda y: y.transpose(1, 2).reshape(b, c, h, w)
+    if x.dim() == 2:
+        return x.unsqueeze(1), lambda y: y.squeeze(1)
+    raise ValueError(f"cannot steer an activation of shape {tuple(x.shape)}; expected (B, K, D) or (B, C, H, W)")
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions (dim 1) of (B, K, D), padding excluded."""
+    if valid is None:
+        return x.mean(1)
+    v = valid.to(x.dtype).unsqueeze(-1)
+    return (x * v).sum(1) / v.sum(1).clamp_min(1)
+
+
+class HookSet:
+    """Hooks on a set of named modules of one root model, plus the per-call state they read.
+
+    `valid` (B, K) marks real tokens of the current forward (None: all real) and `rows` (B,)
+    marks the batch rows to touch (None: all); an integration sets them, directly or through a
+    `pre_forward(hookset, args, kwargs)` callback that runs before every forward of the root.
+    """
+
+    def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model"):
+        self.root = root
+        self.modules = {n: get_module(root, n, what) for n in names}
+        self.valid: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self._pre_forward = pre_forward
+        self._handles: list = []
+
+    def _attach(self):
+        if self._pre_forward is not None:
+            self._handles.append(self.root.register_forward_pre_hook(
+                lambda m, args, kwargs: self._pre_forward(self, args, kwargs), with_kwargs=True))
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                new = self._on_output(name, output[0])
+                return None if new is None else (new, *output[1:])
+            return self._on_output(name, output)
+        return hook
+
+    def _on_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class ActivationCapture(HookSet):
+    """Records, per module and per forward call, the mask-aware mean activation of the selected rows.
+
+    The means are kept as float32 on the CPU: fitting needs (examples, D), never the full
+    (examples, tokens, D) activations.
+    """
+
+    def __init__(self, root, names, pre_forward=None, what="model"):
+        super().__init__(root, names, pre_forward, what)
+        self.pooled: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._attach()
+
+    def _on_output(self, name, x):
+        tokens, _ = as_tokens(x)
+        pooled = masked_mean(tokens.float(), self.valid)
+        if self.rows is not None:
+            pooled = pooled[self.rows.to(pooled.device)]
+        self.pooled[name].append(pooled.detach().cpu())
+        return None
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """(num_calls * rows, D) per module, in call order; errors on NaN / inf activations."""
+        out = {}
+        for name, chunks in self.pooled.items():
+            acts = torch.cat(chunks)
+            if not torch.isfinite(acts).all():
+                raise ValueError(
+                    f"activations of layer {name!r} contain NaN or inf; the model overflows in its current dtype. "
+                    "Fit in float32 (`.to(torch.float32)`), or exclude that layer with the layer pattern"
+                )
+            out[name] = acts
+        return out

@@ -1,0 +1,153 @@
+"""How to steer: one small map family per method, all applied as x' = x + s * (T(x) - x).
+
+Every map is fitted from source (S) and target (T) activations of shape (N, D), where D is the
+channel / hidden axis, and exposes `delta(x) = T(x) - x` for x of shape (..., D). Maps are
+stored as named tensors so a `Steering` can save them to safetensors without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from .linear_probe import fit_logistic_regression
+
+
+@dataclass
+class SteeringMap:
+    """Base class: subclasses are dataclasses whose fields are all tensors of shape (D,)."""
+
+    method: ClassVar[str]
+
+    @classmethod
+    def fit(cls, source: torch.Tensor, target: torch.Tensor, **options) -> "SteeringMap":
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def width(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SteeringMap":
+        expected = {f.name for f in fields(cls)}
+        if set(tensors) != expected:
+            raise ValueError(
+                f"a {cls.method} map needs tensors {sorted(expected)}, the file holds {sorted(tensors)}; "
+                "the steering file is damaged or was written by another tool: fit it again"
+            )
+        return cls(**tensors)
+
+    def to(self, device=None, dtype=None) -> "SteeringMap":
+        return type(self)(**{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()})
+
+
+@dataclass
+class MeanShift(SteeringMap):
+    """CAA / ActAdd: T(x) = x + v with v = mean(T) - mean(S). Mean-AcT is the same map."""
+
+    method: ClassVar[str] = "mean_shift"
+    shift: torch.Tensor
+
+    @classmethod
+    def fit(cls, source, target, **options):
+        return cls(shift=(target.double().mean(0) - source.double().mean(0)).float())
+
+    def delta(self, x):
+        return self.shift
+
+
+def _quantile_grid(sorted_x: torch.Tensor, n: int) -> torch.Tensor:
+    """Values of the empirical quantile function of each column at n evenly spaced levels."""
+    m = sorted_x.shape[0]
+    if m == n:
+        return sorted_x
+    pos = torch.linspace(0, m - 1, n, dtype=torch.float64)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = (pos - lo).unsqueeze(1)
+    return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
+
+
+@dataclass
+class LinearAcT(SteeringMap):
+    """Linear-AcT: per unit, the affine 1-D optimal transport map T(x) = beta * x + alpha.
+
+    Fitted by least squares on sorted (quantile-matched) source/target pairs. The input is
+    clamped to the source sample range [lo, hi] before the map is evaluated [choice: the paper
+    transports only inside the source support], so far-off inputs get a bounded shift.
+    """
+
+    method: ClassVar[str] = "linear_act"
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @classmethod
+    def fit(cls, source, target, clamp_to_source_range: bool = True, **options):
+        xs = source.double().sort(0).values
+        yt = target.double().sort(0).values
+        n = max(xs.shape[0], yt.shape[0])
+        xs, yt = _quantile_grid(xs, n), _quantile_grid(yt, n)
+        xm, ym = xs.mean(0), yt.mean(0)
+        var = ((xs - xm) ** 2).mean(0)
+        cov = ((xs - xm) * (yt - ym)).mean(0)
+        flat = var <= 1e-12 * (1 + xm.abs())
+        beta = torch.where(flat, torch.ones_like(var), cov / var.clamp_min(1e-300))
+        alpha = ym - beta * xm
+        if clamp_to_source_range:
+            lo, hi = xs[0], xs[-1]
+        else:
+            lo = torch.full_like(xm, -torch.inf)
+            hi = torch.full_like(xm, torch.inf)
+        return cls(beta=beta.float(), alpha=alpha.float(), lo=lo.float(), hi=hi.float())
+
+    def delta(self, x):
+        xc = torch.clamp(x, self.lo, self.hi)
+        return torch.addcmul(self.alpha, self.beta - 1, xc)
+
+
+@dataclass
+class ITIC(SteeringMap):
+    """ITI-C: T(x) = x + sigma * theta, theta the unit normal of a logistic probe S -> T."""
+
+    method: ClassVar[str] = "iti"
+    shift: torch.Tensor
+
+    @classmethod
+    def fit(cls, source, target, logistic_l2: float = 1.0, **options):
+        x = torch.cat([source, target]).double()
+        y = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
+        center = x.mean(0)
+        scale = x.std(0).clamp_min(1e-8)
+        w, _ = fit_logistic_regression((x - center) / scale, y, l2=logistic_l2)
+        theta = w / scale
+        norm = theta.norm()
+        if norm == 0:
+            raise ValueError("ITI-C found no direction separating source from target activations; "
+                             "check that the source and target sets differ")
+        theta = theta / norm
+        sigma = (x @ theta).std()
+        return cls(shift=(sigma * theta).float())
+
+    def delta(self, x):
+        return self.shift
+
+
+MAPS: dict[str, type[SteeringMap]] = {"mean_shift": MeanShift, "mean_act": MeanShift,
+                                      "linear_act": LinearAcT, "iti": ITIC}
+
+
+def map_class(method: str) -> type[SteeringMap]:
+    try:
+        return MAPS[method]
+    except KeyError:
+        raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(MAPS)}") from None

@@ -1,0 +1,161 @@
+"""Fitting a Steering on a Stable Diffusion pipeline, stage by stage.
+
+1. Text encoder: pooled activations of every prompt (padding excluded) -> maps and gates.
+2. UNet attention: the pipeline is run for every prompt with the text encoder steering of
+   step 1 attached (source and control; target runs unsteered), and the spatial mean of each
+   attention output on the conditional half of the CFG batch is recorded at every denoising
+   step -> maps and gates. So the UNet is fitted on the activations it will really receive
+   [choice: fitting both stages on the unsteered model would steer twice].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, find_modules, fit_from_activations
+from ..core.fit import require_steered_layers
+from ..core.fingerprint import fingerprint
+from .targets import TEXT_ENCODER_LAYERS, UNET_LAYERS, clip_token_mask, eos_token_id
+
+Where = Literal["both", "text_encoder", "unet"]
+
+
+def check_prompt_lengths(tokenizer, prompts: Sequence[str], label: str) -> None:
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    for prompt, n in zip(prompts, lengths):
+        if n > limit:
+            raise ValueError(
+                f"a {label} prompt has {n} tokens but the text encoder takes at most {limit}; the rest would be cut "
+                f"off and the steering fitted on text the model never sees. Shorten it: {prompt[:80]!r}..."
+            )
+
+
+def _batches(items: Sequence[str], size: int):
+    for i in range(0, len(items), size):
+        yield i, list(items[i:i + size])
+
+
+@torch.no_grad()
+def collect_text_encoder(pipe, prompts: Sequence[str], names: list[str], batch_size: int, desc: str,
+                         progress: bool = True):
+    enc = pipe.text_encoder
+    mask = clip_token_mask(eos_token_id(pipe.tokenizer, enc))
+    with ActivationCapture(enc, names, pre_forward=mask, what="text_encoder") as cap:
+        for _, batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False, disable=not progress):
+            ids = pipe.tokenizer(batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            enc(ids.to(enc.device))
+        return cap.collect()
+
+
+@torch.no_grad()
+def collect_unet(pipe, prompts, names, *, steering, batch_size, seed, desc, progress=True, **call_kwargs):
+    """Spatial means per (prompt, step) on the conditional rows; returns (acts, prompt index per row)."""
+    groups = []
+    cfg = call_kwargs.get("guidance_scale", 7.5) > 1
+    with ActivationCapture(pipe.unet, names, what="unet") as cap, _quiet(pipe):
+        for start, batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False, disable=not progress):
+            n = len(batch)
+            cap.rows = torch.cat([torch.zeros(n), torch.ones(n)]).bool() if cfg else None
+            gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
+            calls_before = len(cap.pooled[names[0]])
+            pipe(batch, generator=gens, output_type="latent", steering=steering, steering_strength=1.0,
+                 return_steering_scales=False, **call_kwargs)
+            steps = len(cap.pooled[names[0]]) - calls_before
+            groups.append(torch.arange(start, start + n).repeat(steps))
+        return cap.collect(), torch.cat(groups)
+
+
+def fit_pipeline_steering(
+    pipe,
+    source: Sequence[str],
+    target: Sequence[str],
+    control: Sequence[str],
+    method: str = "linear_act",
+    *,
+    steer: Where = "both",
+    text_encoder_layers: str = TEXT_ENCODER_LAYERS,
+    unet_layers: str = UNET_LAYERS,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    **config_options,
+) -> Steering:
+    if steer not in ("both", "text_encoder", "unet"):
+        raise ValueError(f"steer={steer!r} is unknown; choose 'both', 'text_encoder' or 'unet'")
+    check_example_sets(source, target, control)
+    for label, prompts in (("source", source), ("target", target), ("control", control)):
+        check_prompt_lengths(pipe.tokenizer, prompts, label)
+    n_prompts = len(source) + len(control)
+    rank = config_options.get("pca_rank", 5)
+    if n_prompts < rank:
+        raise ValueError(f"pca_rank={rank} needs at least {rank} source + control prompts, got {n_prompts}; "
+                         "pass more prompts or a lower pca_rank")
+    config = SteeringConfig(method=method, seed=seed, base_model=getattr(pipe, "name_or_path", None) or None,
+                            num_examples={"source": len(source), "target": len(target), "control": len(control)},
+                            **config_options)
+    parts: list[Steering] = []
+
+    if steer in ("both", "text_encoder"):
+        names = find_modules(pipe.text_encoder, text_encoder_layers, "text_encoder")
+        acts = [collect_text_encoder(pipe, p, names, batch_size, f"text encoder: {label}", progress)
+                for label, p in (("source", source), ("target", target), ("control", control))]
+        parts.append(_fit_component(pipe, "text_encoder", acts, config, text_encoder_layers, "tokens", progress))
+
+    if steer in ("both", "unet"):
+        names = find_modules(pipe.unet, unet_layers, "unet")
+        te_steering = parts[0] if parts else None
+        kw = dict(names=names, batch_size=batch_size, seed=seed, progress=progress, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, height=height, width=width)
+        s, s_groups = collect_unet(pipe, source, steering=te_steering, desc="unet: source", **kw)
+        t, _ = collect_unet(pipe, target, steering=None, desc="unet: target", **kw)
+        c, c_groups = collect_unet(pipe, control, steering=te_steering, desc="unet: control", **kw)
+        parts.append(_fit_component(pipe, "unet", (s, t, c), config, unet_layers, "spatial", progress,
+                                    source_groups=s_groups, control_groups=c_groups,
+                                    require_steered=steer == "unet"))
+
+    return _merge(parts, config)
+
+
+def _fit_component(pipe, component, acts, config, pattern, kind, progress, require_steered=False, **groups):
+    s, t, c = ({f"{component}.{k}": v for k, v in a.items()} for a in acts)
+    info, probe = fingerprint(getattr(pipe, component))
+    cfg = replace(config, fingerprint={component: info}, targets={component: pattern}, layers={})
+    return fit_from_activations(s, t, c, cfg, kinds={k: kind for k in s}, probes={component: probe},
+                                require_steered=require_steered, progress=progress, **groups)
+
+
+def _merge(parts: list[Steering], config: SteeringConfig) -> Steering:
+    maps, gates, probes = {}, {}, {}
+    config = replace(config, fingerprint={}, targets={}, layers={})
+    for p in parts:
+        maps.update(p.maps), gates.update(p.gates), probes.update(p.probes)
+        config.fingerprint.update(p.config.fingerprint)
+        config.targets.update(p.config.targets)
+        config.layers.update(p.config.layers)
+    return require_steered_layers(Steering(config, maps, gates, probes))
+
+
+@contextmanager
+def _quiet(pipe):
+    """Hide the pipeline's own per-call progress bar while the outer fitting bar runs."""
+    saved = getattr(pipe, "_progress_bar_config", None)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del pipe._progress_bar_config
+        else:
+            pipe._progress_bar_config = saved

@@ -1,0 +1,185 @@
+"""Stable Diffusion 1.x / 2.x with Dynamically Scaled Activation Steering.
+
+A subclass of diffusers' `StableDiffusionPipeline`: loading, schedulers, dtypes, LoRA, callbacks
+and the denoising loop are the stock ones. DSAS adds forward hooks on the text encoder layers
+(per prompt token) and the UNet attention layers (per spatial position) for the duration of one
+call; with no steering set, or `steering_strength=0`, not a single hook runs and the images are
+bit-identical to the stock pipeline's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+from dsas_diffusion.core import Steering, SteeringHandle
+from dsas_diffusion.diffusion.fitting import fit_pipeline_steering
+from dsas_diffusion.diffusion.targets import COMPONENTS, clip_token_mask, eos_token_id
+
+
+@dataclass
+class DSASStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
+    """`steering_scales`: the lambdas that were applied, per layer name:
+    text encoder layers (batch, tokens) for the prompts; UNet layers (steps, batch * images per
+    prompt, height, width) over the conditional branch. None when no steering ran."""
+
+    steering_scales: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class _SteeringCall:
+    """The hooks of one pipeline call; dropped when the call ends."""
+
+    text_encoder: SteeringHandle | None
+    unet: SteeringHandle | None
+    steer_negative: bool
+
+
+class DSASStableDiffusionPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion with a DSAS `Steering`: fit with `fit_steering`, set with `set_steering`,
+    and choose the global strength (alpha) per call with `steering_strength`."""
+
+    steering: Steering | None = None
+    _steering_call: _SteeringCall | None = None
+
+    # 1. Fitting and setting a steering --------------------------------------------------------
+    def fit_steering(self, source, target, control, method: str = "linear_act", **kwargs) -> Steering:
+        """Fit maps (source -> target) and gates (source vs control) on this pipeline's text encoder
+        and/or UNet attention layers; see `dsas_diffusion.diffusion.fit_pipeline_steering`."""
+        return fit_pipeline_steering(self, source, target, control, method, **kwargs)
+
+    def set_steering(self, steering: Steering | str | os.PathLike | None, check_model: bool = True) -> None:
+        """Use `steering` (or a saved steering folder) for later calls; None removes it."""
+        if steering is not None and not isinstance(steering, Steering):
+            steering = Steering.from_pretrained(steering)
+        if steering is not None:
+            self._check_steering(steering, check_model)
+        self.steering = steering
+
+    def _check_steering(self, steering: Steering, check_model: bool) -> None:
+        foreign = [n for n in steering.layers if n.split(".", 1)[0] not in COMPONENTS]
+        if foreign:
+            raise ValueError(
+                f"this steering targets layers outside the text encoder and UNet ({foreign[0]!r} ...); it was fitted "
+                "on another kind of model (a language model?): fit one with `pipe.fit_steering`"
+            )
+        for component in {n.split(".", 1)[0] for n in steering.layers}:
+            if check_model:
+                steering.check_model(getattr(self, component), component, component)
+
+    # 2. Encoding the prompt: steer the positive branch only ------------------------------------
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      lora_scale=None, clip_skip=None):
+        # The stock method encodes both branches in one go; calling it once per branch (the positive
+        # one first, at one image per prompt) lets the hooks tell them apart, with the same numbers.
+        call = self._steering_call
+        te = call.text_encoder if call is not None else None
+        if prompt_embeds is None:
+            with _enabled(te, True):
+                prompt_embeds, _ = super().encode_prompt(prompt, device, 1, False, lora_scale=lora_scale,
+                                                         clip_skip=clip_skip)
+        with _enabled(te, call is not None and call.steer_negative):
+            prompt_embeds, negative_prompt_embeds = super().encode_prompt(
+                prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                lora_scale=lora_scale, clip_skip=clip_skip)
+        if call is not None and call.unet is not None and do_classifier_free_guidance and not call.steer_negative:
+            n = prompt_embeds.shape[0]  # the UNet batch is [negative; positive]
+            call.unet.rows = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(device)
+        return prompt_embeds, negative_prompt_embeds
+
+    # 3. Generating ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, *args, steering: Steering | None = None, steering_strength: float = 1.0,
+                 steer_negative: bool = False, gated: bool = True, return_steering_scales: bool = True, **kwargs):
+        r"""Everything `StableDiffusionPipeline.__call__` takes, plus:
+
+        steering: use this steering for this call instead of the one set with `set_steering`.
+        steering_strength: the global strength alpha; 0 runs the stock pipeline untouched.
+        steer_negative: also steer the unconditional (negative prompt) branch of guidance.
+        gated: False applies plain steering (lambda = 1 at every fitted layer), for comparisons.
+        return_steering_scales: record the lambdas (`output.steering_scales`).
+
+        With `return_dict=False` the stock tuple (images, nsfw flags) is returned, without scales.
+        """
+        steering = steering if steering is not None else self.steering
+        if steering is None or steering_strength == 0:
+            return self._output(super().__call__(*args, **kwargs), None)
+        if steering is not self.steering:
+            self._check_steering(steering, check_model=True)
+
+        # 3.1 attach the hooks for this call only
+        eos = eos_token_id(self.tokenizer, self.text_encoder)
+        handles = {
+            component: steering.attach(
+                getattr(self, component), steering_strength, prefix=f"{component}.", gated=gated, check_model=False,
+                record_scales=return_steering_scales,
+                **({"pre_forward": clip_token_mask(eos)} if component == "text_encoder" else {"skip_first_token": False}),
+            )
+            for component in COMPONENTS
+            if any(n.startswith(f"{component}.") for n in steering.layers)
+        }
+        self._steering_call = _SteeringCall(handles.get("text_encoder"), handles.get("unet"), steer_negative)
+        try:
+            # 3.2 the stock pipeline, unchanged
+            output = super().__call__(*args, **kwargs)
+            # 3.3 the lambdas that were applied
+            scales = self._collect_scales(handles, kwargs) if return_steering_scales else None
+        finally:
+            for handle in handles.values():
+                handle.detach()
+            self._steering_call = None
+        return self._output(output, scales)
+
+    def _collect_scales(self, handles, kwargs) -> dict[str, torch.Tensor]:
+        scales = {}
+        if "text_encoder" in handles:  # first recorded call: the positive prompts
+            for local, chunks in handles["text_encoder"].history.items():
+                scales[handles["text_encoder"].layer_names[local]] = chunks[0].float().cpu()
+        if "unet" in handles:
+            unet = handles["unet"]
+            height = kwargs.get("height") or self.unet.config.sample_size * self.vae_scale_factor
+            width = kwargs.get("width") or self.unet.config.sample_size * self.vae_scale_factor
+            h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+            for name, lam in unet.scales.items():  # (steps, rows, positions)
+                if unet.rows is not None:
+                    lam = lam[:, lam.shape[1] // 2:]
+                scales[name] = _as_image_grid(lam.float().cpu(), h, w)
+        return scales
+
+    @staticmethod
+    def _output(output, scales):
+        if not isinstance(output, StableDiffusionPipelineOutput):
+            return output
+        return DSASStableDiffusionPipelineOutput(images=output.images,
+                                                 nsfw_content_detected=output.nsfw_content_detected,
+                                                 steering_scales=scales)
+
+
+@contextmanager
+def _enabled(handle: SteeringHandle | None, on: bool):
+    if handle is None or on:
+        yield
+        return
+    strength, handle.strength = handle.strength, 0.0
+    try:
+        yield
+    finally:
+        handle.strength = strength
+
+
+def _as_image_grid(lam: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(steps, rows, positions) -> (steps, rows, H, W) at the layer's own resolution."""
+    positions = lam.shape[-1]
+    factor = round(math.sqrt(h * w / positions))
+    for hh, ww in ((h // factor, w // factor), (math.ceil(h / factor), math.ceil(w / factor))):
+        if hh * ww == positions:
+            return lam.reshape(*lam.shape[:-1], hh, ww)
+    return lam
