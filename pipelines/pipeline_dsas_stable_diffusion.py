@@ -69,8 +69,9 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
                 f"this steering targets layers outside the text encoder and UNet ({foreign[0]!r} ...); it was fitted "
                 "on another kind of model (a language model?): fit one with `pipe.fit_steering`"
             )
-        for component in {n.split(".", 1)[0] for n in steering.layers}:
-            if check_model:
+        used = {n.split(".", 1)[0] for n in steering.layers}
+        for component in COMPONENTS:
+            if check_model and component in used:
                 steering.check_model(getattr(self, component), component, component)
 
     # 2. Encoding the prompt: steer the positive branch only ------------------------------------

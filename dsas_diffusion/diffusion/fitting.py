@@ -102,7 +102,7 @@ def fit_pipeline_steering(
     if n_prompts < rank:
         raise ValueError(f"pca_rank={rank} needs at least {rank} source + control prompts, got {n_prompts}; "
                          "pass more prompts or a lower pca_rank")
-    config = SteeringConfig(method=method, seed=seed, base_model=getattr(pipe, "name_or_path", None) or None,
+    config = SteeringConfig(method=method, seed=seed, base_model=str(getattr(pipe, "name_or_path", None) or "") or None,
                             num_examples={"source": len(source), "target": len(target), "control": len(control)},
                             **config_options)
     parts: list[Steering] = []
