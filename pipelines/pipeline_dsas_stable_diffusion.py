@@ -1,10 +1,11 @@
 """Stable Diffusion 1.x / 2.x with Dynamically Scaled Activation Steering.
 
 A subclass of diffusers' `StableDiffusionPipeline`: loading, schedulers, dtypes, LoRA, callbacks
-and the denoising loop are the stock ones. DSAS adds forward hooks on the text encoder layers
-(per prompt token) and the UNet attention layers (per spatial position) for the duration of one
-call; with no steering set, or `steering_strength=0`, not a single hook runs and the images are
-bit-identical to the stock pipeline's.
+and the denoising loop are the stock ones. `set_steering` adds forward hooks on the text encoder
+layers (per prompt token) and the UNet attention layers (per spatial position); they act only
+inside a call of this pipeline, so with no steering set, or `steering_strength=0`, the images are
+bit-identical to the stock pipeline's. The hooks exist before the user compiles the UNet or text
+encoder, which is what lets torch.compile trace them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -46,6 +49,7 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
     and choose the global strength (alpha) per call with `steering_strength`."""
 
     steering: Steering | None = None
+    _steering_handles: Mapping[str, SteeringHandle] = MappingProxyType({})  # per instance once set
     _steering_call: _SteeringCall | None = None
 
     # 1. Fitting and setting a steering --------------------------------------------------------
@@ -55,12 +59,28 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
         return fit_pipeline_steering(self, source, target, control, method, **kwargs)
 
     def set_steering(self, steering: Steering | str | os.PathLike | None, check_model: bool = True) -> None:
-        """Use `steering` (or a saved steering folder) for later calls; None removes it."""
+        """Use `steering` (or a saved steering folder) for later calls; None removes it and its hooks.
+
+        Call it before `torch.compile`: compiled modules do not run hooks added afterwards."""
         if steering is not None and not isinstance(steering, Steering):
             steering = Steering.from_pretrained(steering)
         if steering is not None:
             self._check_steering(steering, check_model)
+        for handle in self._steering_handles.values():
+            handle.detach()
+        self._steering_handles = self._attach_steering(steering) if steering is not None else {}
         self.steering = steering
+
+    def _attach_steering(self, steering: Steering) -> dict[str, SteeringHandle]:
+        """Inactive hooks (strength 0) on every fitted layer; a call switches them on and off."""
+        eos = eos_token_id(self.tokenizer, self.text_encoder)
+        options = {"text_encoder": {"pre_forward": clip_token_mask(eos)}, "unet": {"skip_first_token": False}}
+        return {
+            component: steering.attach(getattr(self, component), 0.0, prefix=f"{component}.", layers=steering.layers,
+                                       check_model=False, **options[component])
+            for component in COMPONENTS
+            if any(n.startswith(f"{component}.") for n in steering.layers)
+        }
 
     def _check_steering(self, steering: Steering, check_model: bool) -> None:
         foreign = [n for n in steering.layers if n.split(".", 1)[0] not in COMPONENTS]
@@ -116,17 +136,11 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
         if steering is not self.steering:
             self._check_steering(steering, check_model=True)
 
-        # 3.1 attach the hooks for this call only
-        eos = eos_token_id(self.tokenizer, self.text_encoder)
-        handles = {
-            component: steering.attach(
-                getattr(self, component), steering_strength, prefix=f"{component}.", gated=gated, check_model=False,
-                record_scales=return_steering_scales,
-                **({"pre_forward": clip_token_mask(eos)} if component == "text_encoder" else {"skip_first_token": False}),
-            )
-            for component in COMPONENTS
-            if any(n.startswith(f"{component}.") for n in steering.layers)
-        }
+        # 3.1 switch the hooks on for this call (a per-call steering gets hooks of its own)
+        handles = self._steering_handles if steering is self.steering else self._attach_steering(steering)
+        for handle in handles.values():
+            handle.reset()
+            handle.strength, handle.gated, handle.record_scales = steering_strength, gated, return_steering_scales
         self._steering_call = _SteeringCall(handles.get("text_encoder"), handles.get("unet"), steer_negative)
         try:
             # 3.2 the stock pipeline, unchanged
@@ -135,7 +149,10 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
             scales = self._collect_scales(handles, kwargs) if return_steering_scales else None
         finally:
             for handle in handles.values():
-                handle.detach()
+                handle.strength = 0.0
+                handle.reset()
+                if handle not in self._steering_handles.values():
+                    handle.detach()
             self._steering_call = None
         return self._output(output, scales)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .modules import get_module
+from .modules import check_not_compiled, get_module
 
 PreForward = Callable[["HookSet", tuple, dict], None]
 
@@ -47,6 +47,7 @@ class HookSet:
     """
 
     def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model"):
+        check_not_compiled(root, what)
         self.root = root
         self.modules = {n: get_module(root, n, what) for n in names}
         self.valid: torch.Tensor | None = None

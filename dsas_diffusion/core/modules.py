@@ -41,3 +41,14 @@ def module_width(module: nn.Module) -> int | None:
     for p in module.parameters():
         last = p
     return None if last is None or last.dim() == 0 else int(last.shape[0])
+
+
+def check_not_compiled(root: nn.Module, what: str = "model") -> None:
+    """Hooks added to an already compiled module are silently skipped by torch.compile (it does not
+    guard on forward hooks), so steering or capturing there would quietly do nothing."""
+    if hasattr(root, "_orig_mod") or getattr(root, "_compiled_call_impl", None) is not None:
+        raise ValueError(
+            f"the {what} is already compiled with torch.compile, and torch.compile ignores hooks added after "
+            "compiling. Attach the steering first (pipe.set_steering / steering.attach), then compile; or fit "
+            "and attach on the uncompiled module"
+        )

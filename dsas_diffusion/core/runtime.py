@@ -39,33 +39,38 @@ def gate_lambdas(
     decision in `token` mode; the first real token of a sequence is not steered if `skip_first`.
     """
     proj = proj.float()
-    vf = torch.ones_like(proj) if valid is None else valid.to(proj.dtype)
-    pv = proj * vf
-    p_sum, p_cnt = prior if prior is not None else (proj.new_zeros(proj.shape[0]), proj.new_zeros(proj.shape[0]))
-    tot, cnt = p_sum + pv.sum(1), p_cnt + vf.sum(1)
-    seq = (tot / cnt.clamp_min(1)).unsqueeze(1)
+    b = proj.shape[0]
+    vf = None if valid is None else valid.to(proj.dtype)
+    pv = proj if vf is None else proj * vf
+    n = torch.full((b,), float(proj.shape[1]), device=proj.device) if vf is None else vf.sum(1)
+    p_sum, p_cnt = prior if prior is not None else (proj.new_zeros(b), proj.new_zeros(b))
+    tot, cnt = p_sum + pv.sum(1), p_cnt + n
     if gating == "sequence" or (gating == "causal" and kind == "spatial"):
-        logits = seq.expand_as(proj)
+        logits = (tot / cnt.clamp_min(1)).unsqueeze(1).expand_as(proj)
     elif gating == "causal":
-        ccnt = p_cnt.unsqueeze(1) + vf.cumsum(1)
+        ccnt = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1)
         logits = (p_sum.unsqueeze(1) + pv.cumsum(1)) / ccnt.clamp_min(1)
-    else:
-        logits = proj if valid is None else torch.where(valid.bool(), proj, seq)
+    elif valid is None:
+        logits = proj
+    else:  # padding positions take the sequence decision
+        logits = torch.where(valid.bool(), proj, (tot / cnt.clamp_min(1)).unsqueeze(1))
     lam = torch.sigmoid(logits)
     if floor > 0:
         lam = torch.where(lam < floor, torch.zeros_like(lam), lam)
-    seen = p_cnt.unsqueeze(1) + vf.cumsum(1)
-    if skip_first:  # the first real token of the sequence, if it is in this call
-        lam = lam.masked_fill((seen == 1) & (vf > 0), 0.0)
-    lam = lam.masked_fill(seen == 0, 0.0)  # left padding before any real token
+    if skip_first or valid is not None:
+        seen = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1)
+        if skip_first:  # the first real token of the sequence, if it is in this call
+            first = seen == 1 if vf is None else (seen == 1) & (vf > 0)
+            lam = lam.masked_fill(first, 0.0)
+        lam = lam.masked_fill(seen == 0, 0.0)  # left padding before any real token
     return lam, (tot, cnt)
 
 
 class _LayerRuntime:
     """One layer's map and gate, cast lazily to the device and dtype of its activations."""
 
-    def __init__(self, map_: SteeringMap, gate: Gate, kind: LayerKind):
-        self.map, self.gate, self.kind = map_, gate, kind
+    def __init__(self, map_: SteeringMap, gate: Gate, kind: LayerKind, steered: bool):
+        self.map, self.gate, self.kind, self.steered = map_, gate, kind, steered
         self.width = map_.width
         self._cast: dict = {}
 
@@ -80,8 +85,10 @@ class _LayerRuntime:
 class SteeringHandle(HookSet):
     """A Steering attached to one model. Use as a context manager or call `detach()`.
 
-    `strength` (alpha) can be changed between calls; `scales` holds the lambdas recorded so far,
-    `reset()` clears them and any KV-cache running state for a new generation.
+    `strength` (alpha) and `gated` can be changed between calls (strength 0: every hook returns at
+    once; gated: layers whose gate failed the accuracy threshold are skipped, otherwise every
+    hooked layer gets lambda = 1). `scales` holds the lambdas recorded so far; `reset()` clears
+    them and any KV-cache running state for a new generation.
     """
 
     def __init__(
@@ -112,7 +119,7 @@ class SteeringHandle(HookSet):
         self.history: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.layer_names = {local: full for full, local in names.items()}
         self._layers = {
-            local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind)
+            local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind, cfg.layers[full].steered)
             for full, local in names.items()
         }
         self._attach()
@@ -140,9 +147,9 @@ class SteeringHandle(HookSet):
         return out
 
     def _on_output(self, name, x):
-        if self.strength == 0:
-            return None
         layer = self._layers[name]
+        if self.strength == 0 or (self.gated and not layer.steered):
+            return None
         tokens, restore = as_tokens(x)
         if tokens.shape[-1] != layer.width:
             raise ValueError(
@@ -165,4 +172,4 @@ class SteeringHandle(HookSet):
         if self.record_scales:
             self.history[name].append(lam.detach())
         scale = (lam * self.strength).to(tokens.dtype).unsqueeze(-1)
-        return restore(tokens + scale * map_.delta(tokens))
+        return restore(torch.addcmul(tokens, scale, map_.delta(tokens)))

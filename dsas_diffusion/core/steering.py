@@ -16,6 +16,7 @@ from .fingerprint import check_fingerprint
 from .gate import Gate
 from .io import atomic_path, write_text_atomic
 from .maps import SteeringMap, map_class
+from .modules import check_not_compiled
 from .runtime import SteeringHandle
 
 CONFIG_NAME = "steering_config.json"
@@ -69,6 +70,7 @@ class Steering:
     # ---- attaching ----------------------------------------------------------------------------
     def check_model(self, root: torch.nn.Module, prefix: str = "", what: str = "model") -> None:
         """Raise a ValueError explaining why `root` is not the model this steering was fitted on."""
+        check_not_compiled(root, what)
         key = prefix.rstrip(".")
         if key not in self.config.fingerprint:
             fitted = sorted(self.config.fingerprint) or ["?"]
@@ -89,10 +91,10 @@ class Steering:
         check_model: bool = True,
         **options,
     ) -> SteeringHandle:
-        """Hook the steered layers of `model` (its names prefixed with `prefix`); returns a handle
-        usable as a context manager. `gated=False` is plain steering (lambda = 1 on every fitted
-        layer). Other options (gating, lambda_floor, skip_first_token, record_scales, pre_forward)
-        override the config's run-time defaults for this attachment."""
+        """Hook `layers` of `model` (its names prefixed with `prefix`; default: the steered layers, or
+        every fitted layer for `gated=False`, plain steering with lambda = 1); returns a handle usable
+        as a context manager. Other options (gating, lambda_floor, skip_first_token, record_scales,
+        pre_forward) override the config's run-time defaults for this attachment."""
         what = prefix.rstrip(".") or "model"
         if check_model:
             self.check_model(model, prefix, what)

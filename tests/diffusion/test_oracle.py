@@ -40,7 +40,12 @@ def test_no_steering_and_zero_strength_are_bit_identical_to_stock(stock, dsas_pi
     out = run(dsas_pipe, prompt, steering_strength=0.0, **call)
     assert np.array_equal(out.images, expected) and out.steering_scales is None
     assert not np.array_equal(run(dsas_pipe, prompt, **call).images, expected)  # steering really acts
+    # between calls the hooks are inactive: the components alone behave like stock ones
+    ids = stock.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids
+    assert torch.equal(dsas_pipe.text_encoder(ids)[0], stock.text_encoder(ids)[0])
+    dsas_pipe.set_steering(None)
     assert no_hooks(dsas_pipe)
+    assert np.array_equal(run(dsas_pipe, prompt, **call).images, expected)
 
 
 def test_all_lambdas_zero_runs_every_hook_and_is_still_bit_identical(stock, dsas_pipe, fitted_steering):
