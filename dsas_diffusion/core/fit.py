@@ -17,8 +17,9 @@ from .maps import map_class
 from .steering import Steering
 
 
-def check_example_sets(source: Sequence, target: Sequence, control: Sequence, min_size: int = 2) -> None:
-    """Reject empty, tiny or one-class example sets before any model runs."""
+def check_example_sets(source: Sequence, target: Sequence, control: Sequence, min_size: int = 2,
+                       pca_rank: int | None = None) -> None:
+    """Reject empty, tiny or one-class example sets, or too few for the gate's PCA, before any model runs."""
     for label, items in (("source", source), ("target", target), ("control", control)):
         if isinstance(items, str):
             raise TypeError(f"{label} must be a list of examples, not one string: pass [{items!r}, ...]")
@@ -33,6 +34,9 @@ def check_example_sets(source: Sequence, target: Sequence, control: Sequence, mi
             "source and control hold the same examples, so the gate has only one class to learn from; control "
             "must be examples WITHOUT the concept (source: with it)"
         )
+    if isinstance(pca_rank, int) and len(source) + len(control) < pca_rank:
+        raise ValueError(f"pca_rank={pca_rank} needs at least {pca_rank} source + control examples, got "
+                         f"{len(source) + len(control)}; pass more examples or a lower pca_rank")
 
 
 def fit_from_activations(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from .io import atomic_path, write_text_atomic
 from .maps import SteeringMap, map_class
 from .modules import check_not_compiled
 from .runtime import SteeringHandle
+from .sequence import causal_lm_pre_forward, takes_attention_mask
 
 CONFIG_NAME = "steering_config.json"
 WEIGHTS_NAME = "steering.safetensors"
@@ -51,6 +53,20 @@ class Steering:
     @property
     def steered_layers(self) -> list[str]:
         return [n for n, info in self.config.layers.items() if info.steered]
+
+    def subset(self, prefix: str) -> "Steering":
+        """The layers whose names start with `prefix` (e.g. "text_encoder."), as a Steering of their own."""
+        keep = [n for n in self.layers if n.startswith(prefix)]
+        if not keep:
+            raise ValueError(f"no layer of this steering starts with {prefix!r}; its layers: {self.layers[:4]} ...")
+        roots = {n.split(".", 1)[0] for n in keep}  # pipeline components; a language model keeps its one root ""
+
+        def own(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k in roots} or dict(d)
+
+        config = replace(self.config, layers={n: self.config.layers[n] for n in keep},
+                         fingerprint=own(self.config.fingerprint), targets=own(self.config.targets))
+        return Steering(config, {n: self.maps[n] for n in keep}, {n: self.gates[n] for n in keep}, dict(self.probes))
 
     def report(self) -> str:
         """A per-layer table: width, held-out gate accuracy, and whether the layer is steered."""
@@ -94,7 +110,10 @@ class Steering:
         """Hook `layers` of `model` (its names prefixed with `prefix`; default: the steered layers, or
         every fitted layer for `gated=False`, plain steering with lambda = 1); returns a handle usable
         as a context manager. Other options (gating, lambda_floor, skip_first_token, record_scales,
-        pre_forward) override the config's run-time defaults for this attachment."""
+        pre_forward) override the config's run-time defaults for this attachment. A model attached
+        under its own names (no prefix) whose forward takes an `attention_mask` (a transformers
+        language model) gets `causal_lm_pre_forward` unless another pre_forward is given: padding
+        is read from the mask and the gate state carried across the KV-cached calls of a generation."""
         what = prefix.rstrip(".") or "model"
         if check_model:
             self.check_model(model, prefix, what)
@@ -103,6 +122,8 @@ class Steering:
         if unknown:
             raise ValueError(f"layers {unknown} are not in this steering; it has {self.layers}")
         names = {full: full[len(prefix):] for full in chosen if full.startswith(prefix)}
+        if not prefix and "pre_forward" not in options and takes_attention_mask(model):
+            options["pre_forward"] = causal_lm_pre_forward(model)
         return SteeringHandle(self, model, names, strength=strength, gated=gated, what=what, **options)
 
     # ---- persistence --------------------------------------------------------------------------

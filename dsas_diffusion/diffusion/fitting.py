@@ -94,14 +94,9 @@ def fit_pipeline_steering(
 ) -> Steering:
     if steer not in ("both", "text_encoder", "unet"):
         raise ValueError(f"steer={steer!r} is unknown; choose 'both', 'text_encoder' or 'unet'")
-    check_example_sets(source, target, control)
+    check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
     for label, prompts in (("source", source), ("target", target), ("control", control)):
         check_prompt_lengths(pipe.tokenizer, prompts, label)
-    n_prompts = len(source) + len(control)
-    rank = config_options.get("pca_rank", 5)
-    if n_prompts < rank:
-        raise ValueError(f"pca_rank={rank} needs at least {rank} source + control prompts, got {n_prompts}; "
-                         "pass more prompts or a lower pca_rank")
     config = SteeringConfig(method=method, seed=seed, base_model=str(getattr(pipe, "name_or_path", None) or "") or None,
                             num_examples={"source": len(source), "target": len(target), "control": len(control)},
                             **config_options)

@@ -1,0 +1,82 @@
+"""Timing and peak memory for side-by-side runs: CUDA allocator peaks on a GPU, sampled RSS on CPU."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def peak_memory(device: str, result: dict):
+    """result['peak'] = peak bytes while the block ran (GPU: allocated; CPU: process RSS, sampled every ms)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        result["peak"] = torch.cuda.max_memory_allocated()
+        return
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(peak[0], proc.memory_info().rss)
+
+
+def timed(fn, device: str) -> tuple[float, int]:
+    """(seconds, peak bytes) of one call."""
+    mem: dict = {}
+    with peak_memory(device, mem):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem["peak"]
+
+
+def compare(cases: dict, device: str, repeats: int, warmup: int = 1) -> dict:
+    """cases: {name: (baseline, candidate)}, each a `fn` or `(setup, fn)` (setup runs untimed first).
+
+    Every candidate run follows its own baseline run (A B A C ...), so drift hits both alike;
+    returns per case the medians over the repeats of the time and peak-memory ratios, and of the
+    raw seconds."""
+    def split(entry):
+        return entry if isinstance(entry, tuple) else (lambda: None, entry)
+
+    cases = {name: (split(b), split(c)) for name, (b, c) in cases.items()}
+    for _ in range(warmup):
+        for pair in cases.values():
+            for setup, fn in pair:
+                setup()
+                fn()
+    rows = {name: {"time_ratio": [], "mem_ratio": [], "seconds": [], "base_seconds": []} for name in cases}
+    for _ in range(repeats):
+        for name, ((b_setup, b_fn), (c_setup, c_fn)) in cases.items():
+            b_setup()
+            base_s, base_m = timed(b_fn, device)
+            c_setup()
+            s, m = timed(c_fn, device)
+            for key, value in (("time_ratio", s / base_s), ("mem_ratio", m / base_m), ("seconds", s),
+                               ("base_seconds", base_s)):
+                rows[name][key].append(value)
+    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in rows.items()}

@@ -1,0 +1,119 @@
+"""Overhead of DSAS steering against the stock libraries, measured side by side in one run.
+
+    python -m benchmarks.overhead --quick     # small stand-in models, under a minute on 2 CPU cores
+    python -m benchmarks.overhead             # SD-1.5-sized UNet + text encoder, ~134M Llama
+    python -m benchmarks.overhead --device cuda
+
+Prints one line per case: median over repeats of (steered time / stock time) and of the peak
+memory ratio, each ratio taken between adjacent runs. Weights are random: the cost of steering
+does not depend on their values. Every layer is steered (accuracy_threshold=0): the worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .measure import compare, peak_memory
+from .models import prompts, sd_components
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def diffusion(args) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    comps = sd_components(full=not args.quick, dtype=args.dtype)
+    pipe = DSASStableDiffusionPipeline(**comps).to(args.device)
+    stock = StableDiffusionPipeline(**comps).to(args.device)  # the same modules, never hooked while it runs
+    for p in (pipe, stock):
+        p.set_progress_bar_config(disable=True)
+    size = 128 if args.quick else args.size
+    steering = pipe.fit_steering(prompts(8, "banana"), prompts(8, "apple"), prompts(8, None, seed=1), method="linear_act",
+                                 num_inference_steps=1, height=size, width=size, accuracy_threshold=0.0, progress=False)
+    parts = {"text encoder": steering.subset("text_encoder."), "unet attention": steering.subset("unet."),
+             "both": steering}
+    present, absent = "a photo of a red banana in the kitchen", "a photo of a red dog in the kitchen"
+    kw = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
+
+    def gen(p, prompt, **extra):
+        return lambda: p(prompt, generator=torch.Generator().manual_seed(0), **kw, **extra)
+
+    def use(s):
+        return lambda: pipe.set_steering(s)
+
+    stock_present, stock_absent = (use(None), gen(stock, present)), (use(None), gen(stock, absent))
+    cases = {f"diffusion {name}": (stock_present, (use(s), gen(pipe, present))) for name, s in parts.items()}
+    cases["diffusion both, plain steering"] = (stock_present, (use(steering), gen(pipe, present, gated=False)))
+    cases["diffusion both, concept absent"] = (stock_absent, (use(steering), gen(pipe, absent)))
+    results = compare(cases, args.device, args.repeats)
+    pipe.set_steering(None)
+    return results
+
+
+def fitting(args) -> dict:
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    n = 32 if args.quick else 256
+    pipe = DSASStableDiffusionPipeline(**sd_components(full=not args.quick, dtype=torch.float32))
+    mem: dict = {}
+    with peak_memory("cpu", mem):
+        start = time.perf_counter()
+        pipe.fit_steering(prompts(n, "banana"), prompts(n, "apple"), prompts(n, None, seed=1), method="linear_act",
+                          steer="text_encoder", accuracy_threshold=0.0, batch_size=32, progress=False)
+        seconds = time.perf_counter() - start
+    return {f"fit text encoder, 3 x {n} prompts": {"seconds": seconds, "peak_rss_gib": mem["peak"] / 2**30}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small stand-in models, fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per image")
+    parser.add_argument("--size", type=int, default=None, help="image size of the full run")
+    parser.add_argument("--only", choices=["diffusion", "llm", "fit"], action="append")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.steps = args.steps or (2 if args.quick else (20 if gpu else 4))
+    args.size = args.size or (512 if gpu else 256)
+    torch.set_grad_enabled(False)
+    sections = {"diffusion": diffusion, "fit": fitting}
+    try:
+        from .llm_overhead import llm
+
+        sections["llm"] = llm
+    except ImportError:
+        pass
+    results = {}
+    for name, fn in sections.items():
+        if args.only and name not in args.only:
+            continue
+        for case, r in fn(args).items():
+            results[case] = r
+            if "time_ratio" in r:
+                print(f"{case:<40} time x{r['time_ratio']:.3f}  peak memory x{r['mem_ratio']:.3f}  "
+                      f"({r['seconds']:.3f} s vs {r['base_seconds']:.3f} s stock)", flush=True)
+            else:
+                print(f"{case:<40} " + "  ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"overhead_{'quick' if args.quick else 'full'}_{args.device.split(':')[0]}.json"
+    meta = {"device": args.device, "dtype": str(args.dtype), "repeats": args.repeats, "steps": args.steps,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    from dsas_diffusion.core.io import write_text_atomic
+
+    write_text_atomic(out, json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

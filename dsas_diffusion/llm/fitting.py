@@ -1,0 +1,172 @@
+"""Fitting a Steering on a transformers causal language model.
+
+1. Check the inputs before the model runs (example sets, tokenizer, lengths, options).
+2. Run source, target and control texts through the model in right-padded batches and record,
+   at every chosen layer, each text's mean activation over its real tokens (padding excluded).
+   Right padding keeps every token at its own position, so a text's activations do not depend
+   on the batch it was run in.
+3. Fit one map (source -> target) and one gate (source vs control) per layer.
+
+Layer names are the model's own module names (prefix ""), as `Steering.attach(model)` expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, fit_from_activations
+from ..core.fingerprint import fingerprint
+from .sequence import causal_lm_pre_forward
+from .targets import resolve_layers
+
+# SteeringConfig fields that fit_steering fills in itself.
+_RESERVED = {"method", "base_model", "fingerprint", "targets", "num_examples", "layers", "format_version"}
+
+
+def context_length(model: nn.Module) -> tuple[int | None, str]:
+    """(the longest sequence the model's positions cover, the config field saying so), if it says."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value, f"config.{key}"
+    return None, ""
+
+
+def check_model_and_tokenizer(model, tokenizer) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model (an nn.Module with a .config), got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "pad_token_id"):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}; "
+                        "pass the model's tokenizer as the second argument")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token, so texts of different lengths cannot be batched; set one first: "
+            "`tokenizer.pad_token = tokenizer.eos_token` (padding is excluded from every mean, so its id does not "
+            "matter)"
+        )
+
+
+def check_text_lengths(texts: Sequence[str], token_ids: list[list[int]], model: nn.Module, label: str) -> None:
+    """Positions past the context have no embedding: such a text fails deep inside the model or, worse,
+    gives activations the model never produces in use."""
+    limit, field = context_length(model)
+    if limit is None:
+        return
+    for text, ids in zip(texts, token_ids):
+        if len(ids) > limit:
+            raise ValueError(
+                f"a {label} text has {len(ids)} tokens but the model's context holds {limit} ({field}); "
+                f"shorten it: {text[:80]!r}..."
+            )
+
+
+def check_config_options(options: dict) -> None:
+    allowed = {f.name for f in fields(SteeringConfig)} - _RESERVED
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"fit_steering got unknown option(s) {unknown}; steering options are {sorted(allowed)}")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Dropout off while collecting; every module's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with padding after each text, whatever the tokenizer's padding_side."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def collect_activations(model, token_ids: list[list[int]], pad_id: int, names: list[str], batch_size: int,
+                        desc: str = "collecting", progress: bool = True) -> dict[str, torch.Tensor]:
+    """{layer name: (texts, D)} mean activation over each text's real tokens, float32 on the CPU."""
+    device = _device(model)
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the vocabulary projection of every token is not needed
+    batches = [token_ids[i:i + batch_size] for i in range(0, len(token_ids), batch_size)]
+    with ActivationCapture(model, names, pre_forward=causal_lm_pre_forward(model)) as cap, _eval_mode(model):
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            input_ids, mask = pad_right(batch, pad_id)
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **extra)
+        return cap.collect()
+
+
+def fit_steering(
+    model: nn.Module,
+    tokenizer,
+    source: Sequence[str],
+    target: Sequence[str],
+    control: Sequence[str],
+    method: str = "mean_shift",
+    *,
+    layers: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **config_options,
+) -> Steering:
+    """Fit a DSAS steering on `model`: maps from `source` to `target` texts, gates from `source`
+    vs `control` texts, at the layers named by `layers` (a preset of `LAYER_PRESETS`, a regular
+    expression over module names, or None for the architecture's default).
+
+    `config_options` are `SteeringConfig` fields (pca_rank, gating, accuracy_threshold, ...).
+    Attach the result with `dsas_diffusion.llm.attach(steering, model)`.
+    """
+    # 1. inputs, before the model runs
+    check_model_and_tokenizer(model, tokenizer)
+    check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
+    check_config_options(config_options)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    pattern, names = resolve_layers(model, layers)
+    sets = {"source": source, "target": target, "control": control}
+    encoded = {label: tokenizer(list(texts))["input_ids"] for label, texts in sets.items()}
+    for label, texts in sets.items():
+        check_text_lengths(texts, encoded[label], model, label)
+    info, probe = fingerprint(model)
+    config = SteeringConfig(
+        method=method,
+        base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
+        fingerprint={"": info},
+        targets={"": pattern},
+        num_examples={"source": len(source), "target": len(target), "control": len(control)},
+        **config_options,
+    )
+
+    # 2. pooled activations of the three sets
+    acts = [collect_activations(model, encoded[label], tokenizer.pad_token_id, names, batch_size, f"{label} texts",
+                                progress) for label in sets]
+
+    # 3. maps and gates
+    return fit_from_activations(*acts, config, probes={"": probe}, progress=progress)
