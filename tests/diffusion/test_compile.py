@@ -28,3 +28,25 @@ def test_attaching_to_a_compiled_module_is_refused(dsas_pipe, fitted_steering):
     with pytest.raises(ValueError, match="already compiled.*then compile"):
         dsas_pipe.set_steering(fitted_steering)
     torch._dynamo.reset()
+
+
+def test_hooks_work_under_accelerate_cpu_offload(sd_dir, fitted_steering):
+    """Sequential CPU offload (weights on `meta`, moved in by accelerate's hooks at each forward)
+    is what diffusers' enable_sequential_cpu_offload does on a GPU; on CPU the same hooks run."""
+    from accelerate import cpu_offload
+
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    pipe = DSASStableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_steering(fitted_steering)
+    prompt = "a photo of a banana on a table"
+    expected = pipe(prompt, generator=torch.Generator().manual_seed(0), **KW)
+    pipe.set_steering(None)
+    # the UNet only: a transformers 5 CLIPTextModel under accelerate's cpu_offload fails in stock diffusers too
+    cpu_offload(pipe.unet, execution_device="cpu")
+    assert next(pipe.unet.parameters()).is_meta
+    pipe.set_steering(fitted_steering)  # the fingerprint reads the offloaded weights
+    out = pipe(prompt, generator=torch.Generator().manual_seed(0), **KW)
+    assert np.array_equal(out.images, expected.images)
+    assert all(torch.equal(out.steering_scales[k], v) for k, v in expected.steering_scales.items())
