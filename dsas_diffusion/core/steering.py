@@ -144,7 +144,7 @@ class Steering:
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         with atomic_path(d / WEIGHTS_NAME) as tmp:
-            save_file(self.state_dict(), tmp, metadata={"format": "pt", "library": "dsas-diffusion"})
+            save_file(self.state_dict(), tmp, metadata={"format": "pt"})  # one key: identical fits, identical bytes
         write_text_atomic(d / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod

@@ -1,0 +1,103 @@
+"""`dsas fit`: fit a Steering on a Stable Diffusion pipeline from three prompt files.
+
+Under `accelerate launch` the fit runs on the main process only (the other processes exit at
+once): fitting is one pass over a few dozen to a few thousand prompts, stage-wise (the UNet is
+fitted on what the steered text encoder gives it), and the library fits from one process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import CLIError, add_runtime_args, device_for, echo, process_state, torch_dtype
+
+METHODS = ("linear_act", "mean_shift", "mean_act", "iti")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "fit", help="fit a steering from source / target / control prompt files",
+        description="Fit DSAS maps (source -> target) and gates (source vs control) on a Stable Diffusion pipeline "
+                    "and save them as a steering folder (steering_config.json + steering.safetensors).")
+    p.add_argument("--model", required=True, help="Stable Diffusion folder or hub id")
+    g = p.add_argument_group("prompts (text: one per line; CSV / TSV / JSONL: the --column column)")
+    g.add_argument("--source", metavar="FILE", help="prompts showing the concept")
+    g.add_argument("--target", metavar="FILE", help="the same prompts with the desired change")
+    g.add_argument("--control", metavar="FILE", help="prompts without the concept, to be left untouched")
+    g.add_argument("--prompt-set", metavar="DIR",
+                   help="a folder with source.txt, target.txt, control.txt (e.g. assets/prompts/banana); "
+                        "--source / --target / --control override its files")
+    g.add_argument("--column", help="column of the prompts in CSV / JSONL files (default: 'prompt')")
+    g = p.add_argument_group("fitting")
+    g.add_argument("--method", choices=METHODS, default="linear_act", help="steering map family (default: linear_act)")
+    g.add_argument("--steer", choices=("both", "text_encoder", "unet"), default="both",
+                   help="where to steer: text encoder layers, UNet cross-attention layers, or both (default: both)")
+    g.add_argument("--pca-rank", type=int, default=5, help="PCA rank of each gate (default: 5)")
+    g.add_argument("--threshold", type=float, default=0.75,
+                   help="layers whose held-out gate accuracy is below this are not steered (default: 0.75)")
+    g.add_argument("--gating", choices=("token", "causal", "sequence"), default="token",
+                   help="how lambda is read at each position (default: token)")
+    g.add_argument("--text-encoder-layers", help="regex of text encoder modules (default: every encoder layer)")
+    g.add_argument("--unet-layers", help="regex of UNet modules (default: cross-attention, attn2)")
+    g.add_argument("--steps", type=int, default=10, help="denoising steps per prompt when collecting UNet activations "
+                   "(default: 10)")
+    g.add_argument("--guidance", type=float, default=7.5,
+                   help="guidance scale when collecting UNet activations (default: 7.5)")
+    g.add_argument("--height", type=int, help="image height when collecting UNet activations (default: the model's)")
+    g.add_argument("--width", type=int, help="image width when collecting UNet activations (default: the model's)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the UNet runs (default: 0)")
+    p.add_argument("--out", required=True, help="steering folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a steering already in --out")
+    p.add_argument("--report", metavar="FILE", help="also write the per-layer report (.json or .md)")
+    add_runtime_args(p, dtype_default="float32")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..core import CONFIG_NAME
+    from ..core.io import write_text_atomic
+    from ..prompt_files import is_table, prompt_set_file, read_prompts
+    from .common import load_pipeline
+
+    state = process_state(args.cpu)
+    if not state.is_main_process:
+        return 0  # fitting runs on the main process only
+    files = {}
+    for role in ("source", "target", "control"):
+        path = getattr(args, role) or (prompt_set_file(args.prompt_set, role) if args.prompt_set else None)
+        if path is None:
+            raise CLIError(f"no {role} prompts; pass --{role} FILE or --prompt-set DIR")
+        files[role] = path
+    out = Path(args.out)
+    if (out / CONFIG_NAME).exists() and not args.overwrite:
+        raise CLIError(f"{out} already holds a steering; pass --overwrite to replace it, or choose another --out")
+    prompts = {role: read_prompts(path, args.column if is_table(path) else None) for role, path in files.items()}
+    echo(state, "prompts: " + ", ".join(f"{len(v)} {k}" for k, v in prompts.items()))
+
+    device = device_for(state, args.cpu)
+    pipe = load_pipeline(args.model, dtype=torch_dtype(args.dtype, device), device=device)
+    layer_args = {k: v for k, v in (("text_encoder_layers", args.text_encoder_layers),
+                                    ("unet_layers", args.unet_layers)) if v}
+    steering = pipe.fit_steering(
+        prompts["source"], prompts["target"], prompts["control"], method=args.method, steer=args.steer,
+        pca_rank=args.pca_rank, accuracy_threshold=args.threshold, gating=args.gating,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+        batch_size=args.batch_size, seed=args.seed, progress=args.progress, **layer_args)
+    steering.save_pretrained(out)
+    report = steering.report()
+    if args.report:
+        write_text_atomic(args.report, _report_text(steering, args.report))
+    echo(state, report, f"saved the steering to {out}")
+    return 0
+
+
+def _report_text(steering, path: str) -> str:
+    if str(path).lower().endswith(".json"):
+        layers = {name: {"width": info.width, "kind": info.kind, "steered": info.steered,
+                         "gate_accuracy": None if info.gate_accuracy != info.gate_accuracy else info.gate_accuracy}
+                  for name, info in steering.config.layers.items()}
+        return json.dumps({"method": steering.config.method, "accuracy_threshold": steering.config.accuracy_threshold,
+                           "steered": steering.steered_layers, "layers": layers}, indent=2, sort_keys=True) + "\n"
+    return "```\n" + steering.report() + "\n```\n"

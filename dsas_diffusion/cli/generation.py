@@ -1,0 +1,199 @@
+"""Generating the images of a run, shared by `dsas generate` and `dsas sweep`.
+
+A unit is one prompt at one seed; each unit is drawn under every variant of the run (unsteered,
+plain steering at strength alpha, DSAS at alpha) from the same seed, one image per pipeline call,
+so the result of a unit never depends on which process drew it or what else was in its batch.
+For DSAS images the lambdas are kept: a map over the image and the prompt's per-token values.
+
+Files (paths in the records are relative to the output folder):
+  images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (DSAS), compare/UNIT.png (with --compare),
+  results.jsonl (one record per image; see `journal.py` for how it is written and resumed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..prompt_files import PromptRow
+from .common import CLIError
+from .journal import Journal
+
+MODES = ("unsteered", "plain", "dsas")
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    group: str
+    row: int
+    prompt: str
+    seed: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class Variant:
+    mode: str
+    alpha: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "unsteered" if self.mode == "unsteered" else f"{self.mode}-a{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        if self.mode == "unsteered":
+            return "unsteered"
+        return f"{'DSAS' if self.mode == 'dsas' else 'plain'} a={self.alpha:g}"
+
+
+def make_units(groups: dict[str, list[PromptRow]], seeds: list[int], guidance: float) -> list[Unit]:
+    """Every prompt at every seed; a row's own seed (I2P files) replaces the seed list for that row."""
+    units = []
+    for group, rows in groups.items():
+        for r in rows:
+            for seed in ([r.seed] if r.seed is not None else seeds):
+                g = r.guidance_scale if r.guidance_scale is not None else guidance
+                units.append(Unit(f"{group}-{r.row:05d}-s{seed}", group, r.row, r.text, int(seed), float(g)))
+    return units
+
+
+def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return height or default, width or default
+
+
+def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Path, journal: Journal, state,
+                   steps: int, height: int, width: int, negative_prompt: str | None = None,
+                   steer_negative: bool = False, compare: bool = False, progress: bool = True) -> list[dict]:
+    """Draw what is not done yet, this process's share of it; returns every record, merged."""
+    from tqdm.auto import tqdm
+
+    done = journal.open()
+    order = [f"{v.name}/{u.key}" for u in units for v in variants]
+
+    def finished(unit: Unit, variant: Variant) -> bool:
+        rec = done.get(f"{variant.name}/{unit.key}")
+        if rec is None:
+            return False
+        if (rec["prompt"], rec["seed"], rec["guidance_scale"]) != (unit.prompt, unit.seed, unit.guidance_scale):
+            raise CLIError(f"{out} holds an image {rec['key']} of another prompt or seed ({rec['prompt']!r}, seed "
+                           f"{rec['seed']}); the prompt files changed since: pass --overwrite or another --out")
+        return (out / rec["image"]).is_file()
+
+    todo = [(u, [v for v in variants if not finished(u, v)]) for u in units]
+    todo = [(u, vs) for u, vs in todo if vs or (compare and not (out / "compare" / f"{u.key}.png").is_file())]
+    state.wait_for_everyone()  # every process has read the files before any writes: the splits agree
+    with state.split_between_processes(todo) as mine:
+        desc = "generating" if state.num_processes == 1 else f"generating [{state.process_index}]"
+        with tqdm(total=sum(len(vs) for _, vs in mine), desc=desc, unit="img", disable=not progress,
+                  position=state.process_index) as bar:
+            for unit, missing in mine:
+                for variant in missing:
+                    journal.append(render(pipe, unit, variant, out=out, steps=steps, height=height, width=width,
+                                          negative_prompt=negative_prompt, steer_negative=steer_negative))
+                    bar.update()
+                if compare:
+                    compose_comparison(out, unit, variants)
+    return journal.finish(order)
+
+
+def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height: int, width: int,
+           negative_prompt: str | None, steer_negative: bool) -> dict:
+    """One image (and, for DSAS, its lambda overlay), written atomically; returns its record."""
+    import torch
+
+    from ..eval.overlays import lambda_map, lambda_overlay, token_lambdas
+
+    dsas = variant.mode == "dsas"
+    result = pipe(unit.prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                  guidance_scale=unit.guidance_scale, height=height, width=width,
+                  generator=torch.Generator("cpu").manual_seed(unit.seed),
+                  steering_strength=0.0 if variant.mode == "unsteered" else variant.alpha, gated=dsas,
+                  steer_negative=steer_negative, return_steering_scales=dsas)
+    image = result.images[0]
+    rel = Path("images") / variant.name / f"{unit.key}.png"
+    digest = save_png(image, out / rel)
+    record = {"key": f"{variant.name}/{unit.key}", "unit": unit.key, "variant": variant.name, "mode": variant.mode,
+              "alpha": variant.alpha, "group": unit.group, "row": unit.row, "prompt": unit.prompt, "seed": unit.seed,
+              "guidance_scale": unit.guidance_scale, "image": rel.as_posix(), "image_sha256": digest}
+    nsfw = result.nsfw_content_detected
+    if nsfw is not None:
+        record["nsfw"] = bool(nsfw[0])
+    if dsas:
+        lam = lambda_map(result.steering_scales, image.size)
+        tokens, sequence = token_lambdas(result.steering_scales, pipe.tokenizer, unit.prompt)
+        overlay = Path("overlays") / variant.name / f"{unit.key}.png"
+        save_png(lambda_overlay(image, lam, tokens), out / overlay)
+        record.update(overlay=overlay.as_posix(), token_lambdas=[list(t) for t in tokens], sequence_lambda=sequence,
+                      image_lambda=None if lam is None else round(float(lam.mean()), 4))
+    return record
+
+
+def compose_comparison(out: Path, unit: Unit, variants: list[Variant]) -> None:
+    from PIL import Image
+
+    from ..eval.overlays import compare_strip
+
+    target = out / "compare" / f"{unit.key}.png"
+    paths = [out / "images" / v.name / f"{unit.key}.png" for v in variants]
+    if target.is_file() or not all(p.is_file() for p in paths):
+        return
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    save_png(compare_strip(images, [v.label for v in variants]), target)
+
+
+def save_png(image, path: str | os.PathLike) -> str:
+    """Write a PNG atomically; returns a short hash of its bytes (scores are reused only for the same image)."""
+    import hashlib
+    import io
+
+    from ..core.io import atomic_path
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def generation_settings(pipe, *, model: str, steering, steps: int, height: int, width: int,
+                        negative_prompt: str | None, steer_negative: bool, safety_checker: bool) -> dict:
+    """What every image of a run depends on besides its prompt, seed, guidance and variant."""
+    from .common import steering_digest
+
+    return {"model": model, "steering": steering_digest(steering), "steps": steps, "height": height,
+            "width": width, "negative_prompt": negative_prompt, "steer_negative": steer_negative,
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__,
+            "safety_checker": safety_checker}
+
+
+def prepare(args, state):
+    """(pipe, units, settings) for `generate` and `sweep`: prompts read and the pipeline loaded with
+    the steering set (which refuses a steering fitted on another model)."""
+    from .common import device_for, load_pipeline, load_steering, prompt_groups, torch_dtype
+
+    groups = prompt_groups(args)
+    units = make_units(groups, args.seeds, args.guidance)
+    steering = load_steering(args.steering)
+    model = args.model or steering.config.base_model
+    if not model:
+        raise CLIError(f"the steering {args.steering} does not record the model it was fitted on; pass --model")
+    device = device_for(state, args.cpu)
+    pipe = load_pipeline(model, dtype=torch_dtype(args.dtype, device), device=device,
+                         safety_checker=not args.no_safety_checker)
+    pipe.set_steering(steering)
+    height, width = image_size(pipe, args.height, args.width)
+    settings = generation_settings(pipe, model=model, steering=steering, steps=args.steps, height=height,
+                                   width=width, negative_prompt=args.negative_prompt,
+                                   steer_negative=args.steer_negative, safety_checker=not args.no_safety_checker)
+    return pipe, units, settings

@@ -1,0 +1,57 @@
+"""Concept rate, drift, Pareto fronts: closed-form answers on hand-made inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsas_diffusion.eval import (check_concept_texts, concept_probabilities, concept_rate, embedding_drift,
+                                 pareto_mask, pareto_table, pixel_drift, plot_pareto)
+
+
+def test_concept_probability_and_rate():
+    e = torch.eye(3)
+    p = concept_probabilities(e, e[:1], e[1:], logit_scale=100.0)  # image i is text i
+    assert p[0] > 0.99 and p[1] < 0.01 and p[2] < 0.01
+    assert concept_rate(p) == pytest.approx(1 / 3)
+    assert math.isnan(concept_rate([]))
+    with pytest.raises(ValueError, match="anti-concept texts are empty"):
+        check_concept_texts(["a banana"], [])
+    with pytest.raises(ValueError, match="both a concept and an anti-concept"):
+        check_concept_texts(["a banana"], ["a banana"])
+
+
+def test_drift():
+    a = Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8))
+    b = Image.fromarray(np.full((4, 4, 3), 51, dtype=np.uint8))
+    assert pixel_drift(a, a) == 0 and pixel_drift(a, b) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="same height and width"):
+        pixel_drift(a, a.resize((8, 8)))
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
+    assert torch.allclose(embedding_drift(e, e), torch.zeros(2), atol=1e-6)
+    assert embedding_drift(e[:1], e[1:])[0] == pytest.approx(1 - 1 / math.sqrt(2))
+
+
+POINTS = [
+    {"mode": "unsteered", "alpha": 0.0, "x": 0.0, "y": 0.9},
+    {"mode": "plain", "alpha": 1.0, "x": 0.5, "y": 0.2},
+    {"mode": "plain", "alpha": 2.0, "x": 0.8, "y": 0.2},   # dominated by plain 1
+    {"mode": "dsas", "alpha": 1.0, "x": 0.1, "y": 0.3},
+    {"mode": "dsas", "alpha": 2.0, "x": 0.2, "y": 0.1},
+    {"mode": "dsas", "alpha": 4.0, "x": float("nan"), "y": 0.0},
+]
+
+
+def test_pareto_mask():
+    assert pareto_mask(POINTS, "x", "y") == [True, False, False, True, True, False]
+
+
+def test_pareto_table_and_plot(tmp_path):
+    table = pareto_table(POINTS[:2], [("mode", "method"), ("x", "|drift|")])
+    assert table == "| method | \\|drift\\| |\n|---|---|\n| unsteered | 0 |\n| plain | 0.5 |\n"
+    pytest.importorskip("matplotlib")
+    plot_pareto(POINTS, tmp_path / "front.png", x="x", y="y", xlabel="drift", ylabel="concept rate")
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["front.png"]  # no temporary left
