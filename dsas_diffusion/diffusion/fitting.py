@@ -66,8 +66,9 @@ def collect_unet(pipe, prompts, names, *, steering, batch_size, seed, desc, prog
             cap.rows = torch.cat([torch.zeros(n), torch.ones(n)]).bool() if cfg else None
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
             calls_before = len(cap.pooled[names[0]])
-            pipe(batch, generator=gens, output_type="latent", steering=steering, steering_strength=1.0,
-                 return_steering_scales=False, **call_kwargs)
+            # steering=None here means unsteered, not "the steering the pipeline has set"
+            pipe(batch, generator=gens, output_type="latent", steering=steering,
+                 steering_strength=1.0 if steering is not None else 0.0, return_steering_scales=False, **call_kwargs)
             steps = len(cap.pooled[names[0]]) - calls_before
             groups.append(torch.arange(start, start + n).repeat(steps))
         return cap.collect(), torch.cat(groups)

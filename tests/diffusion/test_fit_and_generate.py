@@ -114,3 +114,13 @@ def test_negative_branch_is_not_steered_unless_asked(dsas_pipe, fitted_steering)
     a = dsas_pipe(HELD_OUT_SOURCE[0], negative_prompt=HELD_OUT_SOURCE[1], generator=gen(), **KW).images
     b = dsas_pipe(HELD_OUT_SOURCE[0], negative_prompt=HELD_OUT_SOURCE[1], steer_negative=True, generator=gen(), **KW).images
     assert not np.array_equal(a, b)
+
+
+def test_fitting_ignores_a_steering_already_set_on_the_pipeline(dsas_pipe, fitted_steering):
+    kwargs = dict(method="mean_shift", num_inference_steps=2, pca_rank=10, progress=False)
+    fresh = dsas_pipe.fit_steering(CONCEPT_SOURCE, CONCEPT_TARGET, CONCEPT_CONTROL, **kwargs)
+    dsas_pipe.set_steering(fitted_steering)
+    again = dsas_pipe.fit_steering(CONCEPT_SOURCE, CONCEPT_TARGET, CONCEPT_CONTROL, **kwargs)
+    for name in fresh.layers:
+        assert torch.equal(fresh.maps[name].shift, again.maps[name].shift), name
+        assert torch.equal(fresh.gates[name].weight, again.gates[name].weight), name
