@@ -141,12 +141,17 @@ def fit_steering(
     expression over module names, or None for the architecture's default).
 
     `config_options` are `SteeringConfig` fields (pca_rank, gating, accuracy_threshold, ...).
+    On language models `gating` defaults to "causal" [choice, measured]: the gate is trained on
+    sentence means, and per-token gating ("token") lets ordinary words of control texts score high;
+    in the toy language world at alpha 4 it left 46 % of control continuations unchanged, causal
+    gating 100 % (`python -m dsas_diffusion.toy.lm_eval`).
     Attach the result with `dsas_diffusion.llm.attach(steering, model)`.
     """
     # 1. inputs, before the model runs
     check_model_and_tokenizer(model, tokenizer)
     check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
     check_config_options(config_options)
+    config_options.setdefault("gating", "causal")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     pattern, names = resolve_layers(model, layers)
