@@ -6,7 +6,7 @@
     dsas sweep --steering no-banana --prompt-set assets/prompts/banana --alphas 0.5,1,2 --out sweep
 
 `python -m dsas_diffusion ...` is the same command; `accelerate launch -m dsas_diffusion ...`
-splits the prompts of generate / eval / sweep between processes (fit runs on the main one).
+splits the prompts of fit / generate / eval / sweep between processes.
 Each subcommand lives in its own module and imports its heavy dependencies only when it runs.
 """
 

@@ -1,8 +1,9 @@
 """`dsas fit`: fit a Steering on a Stable Diffusion pipeline from three prompt files.
 
-Under `accelerate launch` the fit runs on the main process only (the other processes exit at
-once): fitting is one pass over a few dozen to a few thousand prompts, stage-wise (the UNet is
-fitted on what the steered text encoder gives it), and the library fits from one process.
+Under `accelerate launch` every process collects the activations of a share of the prompt batches
+(the costly part: the UNet stage runs the denoising loop for every prompt); the activations are
+gathered, every process fits the same steering, bit-identical to a one-process fit, and the main
+process saves it.
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ def run(args) -> int:
     from ..prompt_files import is_table, prompt_set_file, read_prompts
     from .common import load_pipeline
 
-    state = process_state(args.cpu)
-    if not state.is_main_process:
-        return 0  # fitting runs on the main process only
+    state = process_state(args.cpu)  # under accelerate, every process collects a share of the activations
     files = {}
     for role in ("source", "target", "control"):
         path = getattr(args, role) or (prompt_set_file(args.prompt_set, role) if args.prompt_set else None)
@@ -84,7 +83,10 @@ def run(args) -> int:
         prompts["source"], prompts["target"], prompts["control"], method=args.method, steer=args.steer,
         pca_rank=args.pca_rank, accuracy_threshold=args.threshold, gating=args.gating,
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-        batch_size=args.batch_size, seed=args.seed, progress=args.progress, **layer_args)
+        batch_size=args.batch_size, seed=args.seed, progress=args.progress and state.is_main_process, state=state,
+        **layer_args)
+    if not state.is_main_process:
+        return 0  # every process fitted the same steering; the main one saves it
     steering.save_pretrained(out)
     report = steering.report()
     if args.report:

@@ -37,41 +37,67 @@ def check_prompt_lengths(tokenizer, prompts: Sequence[str], label: str) -> None:
             )
 
 
-def _batches(items: Sequence[str], size: int):
-    for i in range(0, len(items), size):
-        yield i, list(items[i:i + size])
+def _batches(items: Sequence[str], size: int, state=None) -> list[tuple[int, list[str]]]:
+    """(start, prompts) of this process's batches: whole batches of the single-process run, dealt
+    round-robin, so every batch (and so every activation) is exactly what one process computes."""
+    batches = [(i, list(items[i:i + size])) for i in range(0, len(items), size)]
+    if state is None or state.num_processes == 1:
+        return batches
+    return batches[state.process_index::state.num_processes]
+
+
+def _gathered(state, results: list[tuple]) -> list[tuple]:
+    """Every process's (start, ...) batch results, in batch order."""
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    return sorted(results, key=lambda r: r[0])
+
+
+def _take(cap: ActivationCapture) -> dict[str, torch.Tensor]:
+    """The activations captured since the last take, checked for NaN / inf."""
+    acts = cap.collect()
+    cap.pooled.clear()
+    return acts
 
 
 @torch.no_grad()
 def collect_text_encoder(pipe, prompts: Sequence[str], names: list[str], batch_size: int, desc: str,
-                         progress: bool = True):
+                         progress: bool = True, state=None):
     enc = pipe.text_encoder
     mask = clip_token_mask(eos_token_id(pipe.tokenizer, enc))
+    results = []
     with ActivationCapture(enc, names, pre_forward=mask, what="text_encoder") as cap:
-        for _, batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False, disable=not progress):
+        for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
             ids = pipe.tokenizer(batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
             enc(ids.to(enc.device))
-        return cap.collect()
+            results.append((start, _take(cap)))
+    results = _gathered(state, results)
+    return {n: torch.cat([acts[n] for _, acts in results]) for n in names}
 
 
 @torch.no_grad()
-def collect_unet(pipe, prompts, names, *, steering, batch_size, seed, desc, progress=True, **call_kwargs):
+def collect_unet(pipe, prompts, names, *, steering, batch_size, seed, desc, progress=True, state=None,
+                 **call_kwargs):
     """Spatial means per (prompt, step) on the conditional rows; returns (acts, prompt index per row)."""
-    groups = []
+    results = []
     cfg = call_kwargs.get("guidance_scale", 7.5) > 1
     with ActivationCapture(pipe.unet, names, what="unet") as cap, _quiet(pipe):
-        for start, batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False, disable=not progress):
+        for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
             n = len(batch)
             cap.rows = torch.cat([torch.zeros(n), torch.ones(n)]).bool() if cfg else None
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
-            calls_before = len(cap.pooled[names[0]])
             # steering=None here means unsteered, not "the steering the pipeline has set"
             pipe(batch, generator=gens, output_type="latent", steering=steering,
                  steering_strength=1.0 if steering is not None else 0.0, return_steering_scales=False, **call_kwargs)
-            steps = len(cap.pooled[names[0]]) - calls_before
-            groups.append(torch.arange(start, start + n).repeat(steps))
-        return cap.collect(), torch.cat(groups)
+            acts = _take(cap)
+            steps = len(acts[names[0]]) // n
+            results.append((start, acts, torch.arange(start, start + n).repeat(steps)))
+    results = _gathered(state, results)
+    return ({name: torch.cat([acts[name] for _, acts, _ in results]) for name in names},
+            torch.cat([groups for _, _, groups in results]))
 
 
 def fit_pipeline_steering(
@@ -91,8 +117,11 @@ def fit_pipeline_steering(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    state=None,
     **config_options,
 ) -> Steering:
+    """`state` (accelerate's PartialState) splits activation collection between processes; every
+    process then fits the same steering from the gathered activations, bit-identical to one process."""
     if steer not in ("both", "text_encoder", "unet"):
         raise ValueError(f"steer={steer!r} is unknown; choose 'both', 'text_encoder' or 'unet'")
     check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
@@ -105,14 +134,15 @@ def fit_pipeline_steering(
 
     if steer in ("both", "text_encoder"):
         names = find_modules(pipe.text_encoder, text_encoder_layers, "text_encoder")
-        acts = [collect_text_encoder(pipe, p, names, batch_size, f"text encoder: {label}", progress)
+        acts = [collect_text_encoder(pipe, p, names, batch_size, f"text encoder: {label}", progress, state)
                 for label, p in (("source", source), ("target", target), ("control", control))]
         parts.append(_fit_component(pipe, "text_encoder", acts, config, text_encoder_layers, "tokens", progress))
 
     if steer in ("both", "unet"):
         names = find_modules(pipe.unet, unet_layers, "unet")
         te_steering = parts[0] if parts else None
-        kw = dict(names=names, batch_size=batch_size, seed=seed, progress=progress, num_inference_steps=num_inference_steps,
+        kw = dict(names=names, batch_size=batch_size, seed=seed, progress=progress, state=state,
+                  num_inference_steps=num_inference_steps,
                   guidance_scale=guidance_scale, height=height, width=width)
         s, s_groups = collect_unet(pipe, source, steering=te_steering, desc="unet: source", **kw)
         t, _ = collect_unet(pipe, target, steering=None, desc="unet: target", **kw)

@@ -44,7 +44,7 @@ def test_sweep_on_two_processes_matches_one(sweep_dir, steering_dir, prompts, cl
     assert not list(out.glob("*.part-*.jsonl"))
 
 
-def test_fit_under_accelerate_runs_on_the_main_process(sd_dir, prompts, steering_dir, tmp_path):
+def test_fit_on_two_processes_matches_one(sd_dir, prompts, steering_dir, tmp_path):
     out = tmp_path / "steering"
     result = launch("fit", "--model", sd_dir, "--prompt-set", prompts["dir"], "--method", "mean_shift",
                     "--pca-rank", 10, "--steps", 3, "--out", out, "--no-progress")
