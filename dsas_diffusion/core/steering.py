@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,12 @@ class Steering:
     ):
         if set(maps) != set(gates) or set(maps) != set(config.layers):
             raise ValueError("maps, gates and config.layers must name the same layers")
+        wrong = {type(m).__name__ for m in maps.values() if not isinstance(m, map_class(config.method))}
+        if wrong:
+            raise ValueError(f"config.method={config.method!r} but the maps are {sorted(wrong)}: build the steering "
+                             "with the config its maps were fitted with")
+        # one layer order whatever built the steering (a fit, a load from sorted-key JSON, a subset)
+        config.layers = dict(sorted(config.layers.items(), key=lambda item: _natural_key(item[0])))
         self.config, self.maps, self.gates = config, maps, gates
         self.probes = probes or {}
 
@@ -136,7 +143,8 @@ class Steering:
                 tensors[f"{name}.gate.{k}"] = v
         for root, probe in self.probes.items():
             tensors[f"{_FINGERPRINT_KEY}.{root}"] = probe
-        return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        # copies: layers may share tensors (one map reused), which safetensors refuses to write
+        return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in tensors.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write the two files atomically; the config is written last, so a folder with a config
@@ -178,6 +186,11 @@ class Steering:
                 raise ValueError(f"layer {name!r}: tensor sizes do not match the config's width {info.width}; "
                                  "the folder is damaged: save it again")
         return cls(config, maps, gates, probes)
+
+
+def _natural_key(name: str) -> list:
+    """"layers.2" before "layers.10": digit runs compare as numbers."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
 def _resolve_files(path, hub_kwargs) -> tuple[str, str]:

@@ -187,3 +187,20 @@ def test_core_imports_neither_diffusers_nor_transformers():
     code = ("import sys, dsas_diffusion.core, dsas_diffusion; "
             "bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_layer_order_is_the_same_after_save_and_load(tmp_path):
+    steering, _, _ = fitted(Tiny())
+    names = ["blocks.10", "blocks.2", "blocks.1"]
+    config = SteeringConfig(method="mean_shift", layers={n: {"width": 16} for n in names})
+    s = Steering(config, {n: steering.maps["blocks.0"] for n in names}, {n: steering.gates["blocks.0"] for n in names})
+    assert s.layers == ["blocks.1", "blocks.2", "blocks.10"]
+    s.save_pretrained(tmp_path)
+    assert Steering.from_pretrained(tmp_path).layers == s.layers
+
+
+def test_maps_of_another_method_are_refused_at_construction():
+    steering, _, _ = fitted(Tiny())  # mean shift maps
+    config = SteeringConfig(method="linear_act", layers=dict(steering.config.layers))
+    with pytest.raises(ValueError, match="config.method='linear_act'.*MeanShift"):
+        Steering(config, steering.maps, steering.gates)

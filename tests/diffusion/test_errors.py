@@ -76,7 +76,8 @@ def test_language_model_steering_is_refused_by_the_pipeline(dsas_pipe):
     from dsas_diffusion.core import Gate, MeanShift
 
     name = "model.layers.0"
-    foreign = Steering(SteeringConfig(layers={name: {"width": 32}}), {name: MeanShift(shift=torch.zeros(32))},
+    foreign = Steering(SteeringConfig(method="mean_shift", layers={name: {"width": 32}}),
+                       {name: MeanShift(shift=torch.zeros(32))},
                        {name: Gate(weight=torch.zeros(32), bias=torch.zeros(()), accuracy=1.0)})
     with pytest.raises(ValueError, match="outside the text encoder and UNet.*language model"):
         dsas_pipe.set_steering(foreign)
