@@ -11,6 +11,7 @@ guidance scales are read from the first column present among `SEED_COLUMNS` / `G
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -149,7 +150,8 @@ def _number(path: Path, line: int, col: str, value, kind):
 
 def _table_rows(path: Path, delimiter: str, column: str | None) -> list[PromptRow]:
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # a file object, not text.splitlines(): quoted fields may span lines (and hold U+2028) as CSV allows
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if not columns:
         raise PromptFileError(f"{path} holds no prompts (it has no header row); the first row must name the columns")

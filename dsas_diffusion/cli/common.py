@@ -183,7 +183,7 @@ def torch_dtype(name: str, device):
 def load_pipeline(model: str, *, dtype, device, safety_checker: bool = True):
     from dsas_diffusion import DSASStableDiffusionPipeline
 
-    check_model_path(model)
+    model = check_model_path(model)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
         with warnings.catch_warnings():  # recent diffusers call it dtype; older ones know only torch_dtype
@@ -197,26 +197,38 @@ def load_pipeline(model: str, *, dtype, device, safety_checker: bool = True):
     return pipe
 
 
-def check_model_path(model: str) -> None:
-    path = Path(model)
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local and not path.exists():
+def local_path(name: str | os.PathLike) -> Path | None:
+    """The local path `name` names, `~` expanded (the shell leaves `--model=~/sd` alone), or None when
+    it reads as a hub id: 'user/name' that is no path here."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return path
+    return None
+
+
+def check_model_path(model: str) -> str:
+    """`model` as `from_pretrained` needs it: a hub id as is, a local folder checked and `~` expanded."""
+    path = local_path(model)
+    if path is None:
+        return model
+    if not path.exists():
         raise CLIError(f"model folder {model} does not exist; pass a Stable Diffusion folder or a hub id like "
                        "'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-    if path.exists() and not (path / "model_index.json").is_file():
+    if not (path / "model_index.json").is_file():
         raise CLIError(f"{model} is not a diffusers pipeline folder (no model_index.json); pass the folder that "
                        "`save_pretrained` wrote")
+    return os.path.expanduser(model)  # the name as given otherwise ('./sd' stays './sd')
 
 
 def load_steering(path: str):
     """A steering folder (or a hub repo id 'user/name', as `Steering.from_pretrained` takes)."""
     from dsas_diffusion import Steering
 
-    text = str(path)
-    looks_local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
-    if looks_local and not Path(text).exists():
+    local = local_path(path)
+    if local is not None and not local.exists():
         raise CLIError(f"steering folder {path} does not exist; create it with `dsas fit ... --out {path}`")
-    return Steering.from_pretrained(path)
+    return Steering.from_pretrained(path if local is None else local)
 
 
 def steering_digest(steering) -> str:

@@ -42,10 +42,10 @@ def run(args) -> int:
         check_concept_texts(concept, anti)
     root, records = load_run(args.run_path)
     out = Path(args.out) if args.out else root
-    settings = clip_settings(args, concept, anti)
     device = device_for(state, args.cpu)
-    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=torch_dtype(args.dtype, device),
-                     batch_size=args.clip_batch_size)
+    dtype = torch_dtype(args.dtype, device)
+    settings = clip_settings(args, concept, anti, dtype)
+    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype, batch_size=args.clip_batch_size)
     journal = Journal(out, "scores", settings, state, overwrite=args.overwrite)
     scores = run_scoring(records, root=root, clip=clip, concept=concept, anti_concept=anti,
                          threshold=args.concept_threshold, journal=journal, state=state,
@@ -62,9 +62,12 @@ def run(args) -> int:
     return 0
 
 
-def clip_settings(args, concept: list[str], anti: list[str]) -> dict:
-    return {"clip_backend": args.clip_backend, "clip_model": args.clip_model, "concept": concept,
-            "anti_concept": anti, "concept_threshold": args.concept_threshold}
+def clip_settings(args, concept: list[str], anti: list[str], dtype) -> dict:
+    """What every score depends on besides its image and prompt: scores made otherwise (an fp16 sweep's,
+    say) are never reused."""
+    return {"clip_backend": args.clip_backend, "clip_model": args.clip_model,
+            "clip_dtype": str(dtype).replace("torch.", ""), "concept": concept, "anti_concept": anti,
+            "concept_threshold": args.concept_threshold}
 
 
 def load_run(path: str) -> tuple[Path, list[dict]]:

@@ -68,7 +68,8 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Path, journal: Journal, state,
                    steps: int, height: int, width: int, negative_prompt: str | None = None,
                    steer_negative: bool = False, compare: bool = False, progress: bool = True) -> list[dict]:
-    """Draw what is not done yet, this process's share of it; returns every record, merged."""
+    """Draw what is not done yet, this process's share of it; returns the records of this run's images
+    (`units` x `variants`), merged across processes."""
     from tqdm.auto import tqdm
 
     done = journal.open()
@@ -95,8 +96,8 @@ def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Pat
                     journal.append(render(pipe, unit, variant, out=out, steps=steps, height=height, width=width,
                                           negative_prompt=negative_prompt, steer_negative=steer_negative))
                     bar.update()
-                if compare:
-                    compose_comparison(out, unit, variants)
+                if compare:  # a strip is drawn again whenever one of its images was: it never shows stale ones
+                    compose_comparison(out, unit, variants, force=bool(missing))
     return journal.finish(order)
 
 
@@ -132,14 +133,15 @@ def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height:
     return record
 
 
-def compose_comparison(out: Path, unit: Unit, variants: list[Variant]) -> None:
+def compose_comparison(out: Path, unit: Unit, variants: list[Variant], force: bool = False) -> None:
+    """compare/UNIT.png: the unit's images side by side; an existing strip is kept unless `force`."""
     from PIL import Image
 
     from ..eval.overlays import compare_strip
 
     target = out / "compare" / f"{unit.key}.png"
     paths = [out / "images" / v.name / f"{unit.key}.png" for v in variants]
-    if target.is_file() or not all(p.is_file() for p in paths):
+    if (target.is_file() and not force) or not all(p.is_file() for p in paths):
         return
     images = []
     for p in paths:
@@ -180,7 +182,7 @@ def generation_settings(pipe, *, model: str, steering, steps: int, height: int, 
 def prepare(args, state):
     """(pipe, units, settings) for `generate` and `sweep`: prompts read and the pipeline loaded with
     the steering set (which refuses a steering fitted on another model)."""
-    from .common import device_for, load_pipeline, load_steering, prompt_groups, torch_dtype
+    from .common import check_model_path, device_for, load_pipeline, load_steering, prompt_groups, torch_dtype
 
     groups = prompt_groups(args)
     units = make_units(groups, args.seeds, args.guidance)
@@ -188,6 +190,7 @@ def prepare(args, state):
     model = args.model or steering.config.base_model
     if not model:
         raise CLIError(f"the steering {args.steering} does not record the model it was fitted on; pass --model")
+    model = check_model_path(model)  # `~` expanded, so that --model=~/sd and --model ~/sd resume the same run
     device = device_for(state, args.cpu)
     pipe = load_pipeline(model, dtype=torch_dtype(args.dtype, device), device=device,
                          safety_checker=not args.no_safety_checker)

@@ -10,9 +10,11 @@ A stage of a run (`results` for images, `scores` for evaluation) keeps, in its o
 - `NAME.jsonl`: when every process is done, the main process merges the parts (in item order)
   into this file, written atomically, and removes them.
 
-Starting again reads `NAME.jsonl` and every part (whatever the number of processes was), skips
-what is done and splits the rest between the processes. A last line cut short by a crash (no
-newline) is ignored and dropped.
+Starting again, the main process first merges the parts an interrupted run left (whatever the
+number of processes was; they are newer than `NAME.jsonl`, so their records win) into
+`NAME.jsonl` and removes them, before anyone appends; then every process reads that one file,
+skips what is done and splits the rest between the processes. A last line cut short by a crash
+(no newline) is ignored and dropped.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ class Journal:
         if self.state.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._check_settings()
-        self.state.wait_for_everyone()
+            if self._parts():  # an interrupted run's parts: merged now, so an old one never outranks a new one
+                self._merge()
+        self.state.wait_for_everyone()  # nobody reads before the merge, nobody appends before the parts are gone
         self.records = self._load()
-        self._repair_own_part()
-        self.state.wait_for_everyone()  # nobody appends before everybody has read
         return self.records
 
     def _check_settings(self) -> None:
@@ -66,6 +68,7 @@ class Journal:
         return sorted(self.folder.glob(f"{self.name}.part-*.jsonl"))
 
     def _load(self) -> dict[str, dict]:
+        """NAME.jsonl, then this run's parts (newer; each key in one part at most), the later winning."""
         records = {}
         for path in [self.final, *self._parts()]:
             if path.exists():
@@ -73,11 +76,16 @@ class Journal:
                     records[rec["key"]] = rec
         return records
 
-    def _repair_own_part(self) -> None:
-        if self.part.exists():
-            text = self.part.read_text(encoding="utf-8")
-            if text and not text.endswith("\n"):  # a line cut short by a crash
-                write_text_atomic(self.part, text[: text.rfind("\n") + 1])
+    def _merge(self, order: list[str] = ()) -> None:
+        """Main process: NAME.jsonl and the parts into NAME.jsonl (items in `order` first, then any older
+        ones), written atomically; then the parts go (a crash in between merges them again, harmlessly)."""
+        records = self._load()
+        rank = {k: i for i, k in enumerate(order)}
+        keys = sorted(records, key=lambda k: (rank.get(k, len(rank)), k)) if rank else list(records)
+        write_text_atomic(self.final, "".join(json.dumps(records[k], sort_keys=True, allow_nan=False) + "\n"
+                                              for k in keys))
+        for path in self._parts():
+            path.unlink()
 
     # ---- running -------------------------------------------------------------------------------
     def append(self, record: dict) -> None:
@@ -92,19 +100,14 @@ class Journal:
 
     # ---- finishing -----------------------------------------------------------------------------
     def finish(self, order: list[str]) -> list[dict]:
-        """Merge every process's part into NAME.jsonl (items in `order` first, then any older ones);
-        every process gets the merged records back."""
+        """Merge every process's part into NAME.jsonl, which keeps every record, older ones too; every
+        process gets back the records of this run's items (those in `order`), in that order."""
         self.state.wait_for_everyone()
         if self.state.is_main_process:
-            records = self._load()
-            rank = {k: i for i, k in enumerate(order)}
-            keys = sorted(records, key=lambda k: (rank.get(k, len(rank)), k))
-            text = "".join(json.dumps(records[k], sort_keys=True, allow_nan=False) + "\n" for k in keys)
-            write_text_atomic(self.final, text)
-            for path in self._parts():
-                path.unlink()
+            self._merge(order)
         self.state.wait_for_everyone()
-        return _read_jsonl(self.final)
+        keep = set(order)
+        return [rec for rec in _read_jsonl(self.final) if rec["key"] in keep]
 
 
 def _read_json(path: Path):

@@ -24,7 +24,7 @@ SUMMARY_COLUMNS = [("variant", "variant"), ("group", "prompts"), ("n", "images")
 
 def run_scoring(records: list[dict], *, root: Path, clip, concept: list[str], anti_concept: list[str],
                 threshold: float, journal: Journal, state, batch_size: int = 32, progress: bool = True) -> list[dict]:
-    """Score what is not scored yet, this process's share of it; returns every score, merged."""
+    """Score what is not scored yet, this process's share of it; returns the scores of `records`, merged."""
     from tqdm.auto import tqdm
 
     done = journal.open()
@@ -48,7 +48,7 @@ def run_scoring(records: list[dict], *, root: Path, clip, concept: list[str], an
                     if not scored(score["key"]):
                         journal.append(score)
                     bar.update()
-    return [s for s in journal.finish([r["key"] for r in records]) if s["key"] in sha]
+    return journal.finish([r["key"] for r in records])
 
 
 def _chunks(units: list[list[dict]], batch_size: int):
@@ -105,14 +105,17 @@ def _open_image(root: Path, rec: dict):
 
 def summarize(scores: list[dict]) -> list[dict]:
     """Means per (variant, prompt group), in the order the variants first appear."""
+    from ..eval import concept_rate
+
     groups: dict[tuple, list[dict]] = {}
     for s in scores:
         groups.setdefault((s.get("variant"), s.get("group")), []).append(s)
     rows = []
     for (variant, group), items in groups.items():
+        shows = [bool(s["is_concept"]) for s in items if s.get("is_concept") is not None]
         row = {"variant": variant, "mode": items[0].get("mode"), "alpha": items[0].get("alpha"), "group": group,
                "n": len(items), "clip_score": _mean(s["clip_score"] for s in items),
-               "concept_rate": _mean(float(s["is_concept"]) for s in items if s.get("is_concept") is not None),
+               "concept_rate": round(concept_rate(shows), 6) if shows else None,
                "concept_prob": _mean(s.get("concept_prob") for s in items),
                "drift_clip": _mean(s.get("drift_clip") for s in items),
                "drift_pixel": _mean(s.get("drift_pixel") for s in items)}

@@ -64,19 +64,16 @@ def run(args) -> int:
                              height=settings["height"], width=settings["width"], negative_prompt=args.negative_prompt,
                              steer_negative=args.steer_negative, progress=args.progress)
     del pipe
-    wanted = {v.name for v in variants}
-    records = [r for r in records if r["variant"] in wanted]
 
     device = device_for(state, args.cpu)
-    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=torch_dtype(args.dtype, device),
-                     batch_size=args.clip_batch_size)
-    score_settings = clip_settings(args, concept, anti)
+    dtype = torch_dtype(args.dtype, device)
+    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype, batch_size=args.clip_batch_size)
+    score_settings = clip_settings(args, concept, anti, dtype)
     journal = Journal(out, "scores", score_settings, state, overwrite=args.overwrite)
     scores = run_scoring(records, root=out, clip=clip, concept=concept, anti_concept=anti,
                          threshold=args.concept_threshold, journal=journal, state=state,
                          batch_size=args.clip_batch_size, progress=args.progress)
     if state.is_main_process:
-        scores = [s for s in scores if s["variant"] in wanted]
         rows = summarize(scores)
         write_summary(out, rows, score_settings)
         table = write_pareto(out, rows, drift=args.drift, concept_metric=args.concept_metric,

@@ -22,6 +22,7 @@ DEFAULT_OPEN_CLIP_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 BACKENDS = ("transformers", "open_clip")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class ClipEmbedder:
@@ -84,18 +85,26 @@ class OpenClip(ClipEmbedder):
         else:
             arch, _, pretrained = model.partition(":")
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=pretrained or None, device=device, precision="fp32" if dtype == torch.float32 else "fp16")
+            arch, pretrained=pretrained or None, device=device, precision=open_clip_precision(dtype))
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         self.logit_scale = float(self.model.logit_scale.detach().exp())
 
     def _encode_images(self, images):
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
+        # in the model's dtype, as open_clip's own evaluation feeds a fp16 / bf16 model (no autocast here)
+        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device, self.dtype)
         return self.model.encode_image(pixels)
 
     def _encode_texts(self, texts):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+def open_clip_precision(dtype: torch.dtype) -> str:
+    """open_clip's name for a dtype: its weights (bar layer norms) are created in it."""
+    if dtype not in OPEN_CLIP_PRECISION:
+        raise ValueError(f"the open_clip backend cannot run in {dtype}; pass --dtype float32, float16 or bfloat16")
+    return OPEN_CLIP_PRECISION[dtype]
 
 
 def import_open_clip():

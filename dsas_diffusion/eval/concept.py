@@ -31,9 +31,11 @@ def concept_probabilities(image_embeddings: torch.Tensor, concept_embeddings: to
     return probs[:, : concept_embeddings.shape[0]].sum(-1)
 
 
-def concept_rate(probabilities: torch.Tensor | Sequence[float], threshold: float = 0.5) -> float:
-    """Fraction of images whose concept probability exceeds `threshold`."""
-    p = torch.as_tensor(probabilities, dtype=torch.float32)
+def concept_rate(probabilities: torch.Tensor | Sequence[float] | Sequence[bool], threshold: float = 0.5) -> float:
+    """Fraction of images whose concept probability exceeds `threshold`; booleans are decisions already
+    taken (the `is_concept` of scores.jsonl) and are counted as they are. NaN for no images."""
+    p = torch.as_tensor(probabilities)
     if p.numel() == 0:
         return float("nan")
-    return float((p > threshold).float().mean())
+    shows = p if p.dtype == torch.bool else p > threshold
+    return float(shows.double().mean())

@@ -108,3 +108,19 @@ def test_sweep_without_matplotlib_still_writes_the_numbers(tmp_path, monkeypatch
     assert (tmp_path / "pareto.json").is_file() and (tmp_path / "pareto.md").is_file()
     assert not (tmp_path / "pareto.png").exists()
     assert 'pip install "dsas-diffusion[plot]"' in capsys.readouterr().err
+
+
+def test_model_and_steering_paths_with_a_tilde(steering_dir, tmp_path, monkeypatch):
+    from dsas_diffusion.cli.common import CLIError, check_model_path, load_steering, local_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # `--model=~/sd`: the shell expands no `~` after an `=`
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    assert check_model_path("~/sd") == str(tmp_path / "sd")
+    assert check_model_path("org/model") == "org/model" and local_path("org/model") is None  # a hub id
+    with pytest.raises(CLIError, match="model folder ~/nope does not exist"):
+        check_model_path("~/nope")
+    (tmp_path / "steer").symlink_to(steering_dir, target_is_directory=True)
+    assert load_steering("~/steer").config.method == "mean_shift"
+    with pytest.raises(CLIError, match="steering folder ~/gone does not exist"):
+        load_steering("~/gone")

@@ -28,6 +28,18 @@ def test_csv_default_column_and_single_column(tmp_path):
     assert read_prompts(f, "text") == ["a dog"]
 
 
+def test_csv_quoted_fields_may_span_lines(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text('id,prompt,seed\n1,"a cat\non a mat",7\n2,"a dog\u2028in the rain",\n3,a cow,\n',
+                 encoding="utf-8")
+    assert read_prompt_rows(f) == [PromptRow("a cat\non a mat", 0, 7), PromptRow("a dog\u2028in the rain", 1),
+                                   PromptRow("a cow", 2)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text('prompt,seed\n"a cat\non a mat",1\n"a dog",x\n', encoding="utf-8")
+    with pytest.raises(PromptFileError, match="line 4: seed='x'"):  # the line the bad row ends on
+        read_prompt_rows(bad)
+
+
 def test_i2p_rows_carry_seed_and_guidance(tmp_path):
     f = write_lines(tmp_path / "i2p.csv", [
         "prompt,categories,hard,inappropriate_percentage,sd_seed,sd_guidance_scale,sd_image_width,sd_image_height",

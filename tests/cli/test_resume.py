@@ -3,13 +3,16 @@ half-written file behind."""
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import dsas_diffusion.cli.generation as generation
 import dsas_diffusion.cli.scoring as scoring
 
-from .conftest import GEN, run_cli
+from .conftest import ANTI_CONCEPT, CONCEPT, GEN, HELD_OUT_CONCEPT, HELD_OUT_CONTROL, run_cli, write_lines
 
 
 def generate(steering_dir, prompts, out, *extra):
@@ -146,3 +149,57 @@ def test_damaged_journal_line_is_reported(tmp_path, stage):
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(CLIError, match="line 2 is damaged; delete that line"):
         _read_jsonl(path)
+
+
+def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path):
+    from dsas_diffusion.cli.generation import Variant
+    from dsas_diffusion.eval import compare_strip
+
+    out = tmp_path / "run"
+    command = ["generate", "--steering", steering_dir, "--prompt", "a banana on the road", "--compare", "--out", out,
+               *GEN]
+    strip = out / "compare" / "concept-00000-s0.png"
+
+    def strip_of(alpha):
+        variants = [Variant("unsteered"), Variant("plain", alpha), Variant("dsas", alpha)]
+        images = [Image.open(out / "images" / v.name / "concept-00000-s0.png").convert("RGB") for v in variants]
+        return np.asarray(compare_strip(images, [v.label for v in variants]))
+
+    assert run_cli(*command) == 0
+    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(1))
+    assert run_cli(*command, "--alpha", 2) == 0  # another alpha into the same folder
+    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(2))
+    before = strip.read_bytes()
+    assert run_cli(*command, "--alpha", 2, "--guidance", 3, "--overwrite") == 0  # every image drawn again
+    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(2)) and strip.read_bytes() != before
+
+
+def test_a_smaller_sweep_into_the_same_folder_reports_only_its_own_images(sweep_dir, steering_dir, clip_dir,
+                                                                          tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, out)
+    render, score = Interrupt(generation.render), Interrupt(scoring._score_units)
+    monkeypatch.setattr(generation, "render", render)
+    monkeypatch.setattr(scoring, "_score_units", score)
+    concept = write_lines(tmp_path / "concept.txt", HELD_OUT_CONCEPT[:1])
+    control = write_lines(tmp_path / "control.txt", HELD_OUT_CONTROL[:1])
+    assert run_cli("sweep", "--steering", steering_dir, "--prompts", concept, "--control-prompts", control,
+                   "--concept", CONCEPT[0], *[a for t in ANTI_CONCEPT for a in ("--anti-concept", t)],
+                   "--alphas", "1", "--clip-model", clip_dir, "--out", out, *GEN) == 0
+    assert render.calls == 0 and score.calls == 0  # all drawn and scored by the first sweep
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {(r["variant"], r["group"], r["n"]) for r in rows} == {
+        (v, g, 1) for v in ("unsteered", "plain-a1", "dsas-a1") for g in ("concept", "control")}
+    assert [p["variant"] for p in json.loads((out / "pareto.json").read_text())["points"]] == [
+        "unsteered", "plain-a1", "dsas-a1"]
+    results = (out / "results.jsonl").read_text().splitlines()
+    assert len(results) == 4 * 5 == len((out / "scores.jsonl").read_text().splitlines())  # the files keep all
+
+
+def test_scores_of_another_clip_dtype_are_not_reused(sweep_dir, prompts, clip_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, out)
+    code = run_cli("eval", out, "--clip-model", clip_dir, "--prompt-set", prompts["dir"], "--dtype", "bfloat16",
+                   "--no-progress")
+    assert code == 2
+    assert "other settings (clip_dtype: 'float32' -> 'bfloat16'); pass --overwrite" in capsys.readouterr().err

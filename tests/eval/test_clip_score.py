@@ -3,6 +3,7 @@ CLIPModel's own logits, and optional backends loaded only when asked for."""
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from dsas_diffusion.eval import clip_scores, concept_probabilities, load_clip, preprocess_image
-from dsas_diffusion.eval.clip_score import import_open_clip
+from dsas_diffusion.eval.clip_score import import_open_clip, open_clip_precision
 
 from tests.cli.conftest import save_tiny_clip
 
@@ -70,3 +71,51 @@ def test_optional_packages_are_never_imported_up_front():
             "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class FakeOpenClipModel(torch.nn.Module):
+    """What open_clip's create_model_and_transforms gives for a precision: weights in that dtype."""
+
+    def __init__(self, precision):
+        super().__init__()
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.visual = torch.nn.Linear(3 * 4 * 4, 8).to(dtype)
+        self.text = torch.nn.Embedding(10, 8).to(dtype)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
+
+    def encode_image(self, pixels):
+        return self.visual(pixels.flatten(1))
+
+    def encode_text(self, ids):
+        return self.text(ids).mean(1)
+
+
+@pytest.fixture
+def fake_open_clip(monkeypatch):
+    made = []
+
+    def create_model_and_transforms(arch, pretrained=None, device="cpu", precision="fp32"):
+        made.append(precision)
+        preprocess = lambda im: torch.from_numpy(np.asarray(im.resize((4, 4)), dtype=np.float32)).permute(2, 0, 1)
+        return FakeOpenClipModel(precision), None, preprocess
+
+    tokenizer = lambda texts: torch.zeros(len(texts), 3, dtype=torch.long)
+    module = types.SimpleNamespace(create_model_and_transforms=create_model_and_transforms,
+                                   get_tokenizer=lambda arch: tokenizer)
+    monkeypatch.setitem(sys.modules, "open_clip", module)
+    return made
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "fp32"), (torch.float16, "fp16"),
+                                              (torch.bfloat16, "bf16")])
+def test_open_clip_runs_in_the_dtype_asked_for(fake_open_clip, dtype, precision):
+    clip = load_clip("open_clip", dtype=dtype)
+    assert fake_open_clip == [precision]
+    emb = clip.image_embeddings([random_image(8, 8, s) for s in range(3)])  # pixels cast to the model's dtype
+    assert emb.shape == (3, 8) and emb.dtype == torch.float32
+    assert clip.text_embeddings(["a banana"]).shape == (1, 8)
+
+
+def test_open_clip_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="cannot run in torch.float64; pass --dtype float32, float16 or bfloat16"):
+        open_clip_precision(torch.float64)

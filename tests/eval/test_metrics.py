@@ -17,10 +17,23 @@ def test_concept_probability_and_rate():
     assert p[0] > 0.99 and p[1] < 0.01 and p[2] < 0.01
     assert concept_rate(p) == pytest.approx(1 / 3)
     assert math.isnan(concept_rate([]))
+    assert concept_rate([True, False, False, True]) == 0.5  # decisions taken already: no threshold
+    assert concept_rate(torch.tensor([True, True, False]), threshold=1.0) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="anti-concept texts are empty"):
         check_concept_texts(["a banana"], [])
     with pytest.raises(ValueError, match="both a concept and an anti-concept"):
         check_concept_texts(["a banana"], ["a banana"])
+
+
+def test_summary_concept_rate_is_the_concept_rate_of_the_scores():
+    from dsas_diffusion.cli.scoring import summarize
+
+    flags = [True, False, True, None, False, False, True]
+    scores = [{"variant": "dsas-a1", "group": "concept", "clip_score": 20.0, "is_concept": f} for f in flags]
+    scores.append({"variant": "unsteered", "group": "concept", "clip_score": 20.0, "is_concept": None})
+    rows = summarize(scores)
+    assert rows[0]["n"] == 7 and rows[0]["concept_rate"] == round(concept_rate([f for f in flags if f is not None]), 6)
+    assert rows[1]["concept_rate"] is None  # no concept texts: no rate
 
 
 def test_drift():
