@@ -40,7 +40,8 @@ def fingerprint(root: nn.Module) -> tuple[dict, torch.Tensor | None]:
         param = _offloaded_value(root, name)
         if param is None:
             return info, None
-    idx = torch.linspace(0, param.numel() - 1, NUM_PROBE_VALUES).long()
+    # integer spacing: a float32 linspace rounds past the end once a tensor passes 2**24 elements
+    idx = torch.arange(NUM_PROBE_VALUES) * (param.numel() - 1) // (NUM_PROBE_VALUES - 1)
     return info, param.detach().flatten()[idx.to(param.device)].float().cpu()
 
 

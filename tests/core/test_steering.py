@@ -204,3 +204,14 @@ def test_maps_of_another_method_are_refused_at_construction():
     config = SteeringConfig(method="linear_act", layers=dict(steering.config.layers))
     with pytest.raises(ValueError, match="config.method='linear_act'.*MeanShift"):
         Steering(config, steering.maps, steering.gates)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    steering, _, _ = fitted(Tiny())
+    steering.save_pretrained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in tmp_path.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
