@@ -31,12 +31,15 @@ def gate_lambdas(
     skip_first: bool = False,
     floor: float = 0.0,
     prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    starts: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Lambdas (B, K) from gate logits `proj` (B, K) (bias included), and the updated running state.
 
     `prior` is the (sum of logits, count of real tokens) per row seen in earlier calls of the
     same sequence (KV cache); `valid` marks real tokens. Padding positions take the sequence
     decision in `token` mode; the first real token of a sequence is not steered if `skip_first`.
+    `starts=False` says the call continues a sequence already under way (a cached decoding step):
+    no first token or leading padding can be in it, which saves their masks on the hot path.
     """
     proj = proj.float()
     b = proj.shape[0]
@@ -45,11 +48,14 @@ def gate_lambdas(
     n = torch.full((b,), float(proj.shape[1]), device=proj.device) if vf is None else vf.sum(1)
     p_sum, p_cnt = prior if prior is not None else (proj.new_zeros(b), proj.new_zeros(b))
     tot, cnt = p_sum + pv.sum(1), p_cnt + n
+    masks = starts and (skip_first or valid is not None)
+    causal = gating == "causal" and kind != "spatial"
+    # real tokens seen so far at each position, shared by the causal mean and the masks
+    seen = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1) if causal or masks else None
     if gating == "sequence" or (gating == "causal" and kind == "spatial"):
         logits = (tot / cnt.clamp_min(1)).unsqueeze(1).expand_as(proj)
-    elif gating == "causal":
-        ccnt = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1)
-        logits = (p_sum.unsqueeze(1) + pv.cumsum(1)) / ccnt.clamp_min(1)
+    elif causal:
+        logits = (p_sum.unsqueeze(1) + pv.cumsum(1)) / seen.clamp_min(1)
     elif valid is None:
         logits = proj
     else:  # padding positions take the sequence decision
@@ -57,8 +63,7 @@ def gate_lambdas(
     lam = torch.sigmoid(logits)
     if floor > 0:
         lam = torch.where(lam < floor, torch.zeros_like(lam), lam)
-    if skip_first or valid is not None:
-        seen = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1)
+    if masks:
         if skip_first:  # the first real token of the sequence, if it is in this call
             first = seen == 1 if vf is None else (seen == 1) & (vf > 0)
             lam = lam.masked_fill(first, 0.0)
@@ -115,6 +120,7 @@ class SteeringHandle(HookSet):
         self.skip_first_token = cfg.skip_first_token if skip_first_token is None else skip_first_token
         self.record_scales = record_scales
         self.track_running = False  # set by integrations whose calls continue a sequence (KV cache)
+        self.continuing = False  # set per call by such integrations: this call extends a sequence
         self.running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.history: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.layer_names = {local: full for full, local in names.items()}
@@ -162,6 +168,7 @@ class SteeringHandle(HookSet):
             lam, state = gate_lambdas(
                 (tokens @ weight).float() + bias, gating=self.gating, kind=layer.kind, valid=self.valid,
                 skip_first=self.skip_first_token, floor=self.lambda_floor, prior=prior,
+                starts=not (self.track_running and self.continuing),
             )
             if self.track_running:
                 self.running[name] = state

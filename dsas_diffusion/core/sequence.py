@@ -77,6 +77,7 @@ def causal_lm_pre_forward(model: nn.Module) -> PreForward:
         hooks.valid = valid
         if hasattr(hooks, "running"):  # a SteeringHandle, not an ActivationCapture
             hooks.track_running = True
+            hooks.continuing = past > 0
             if past == 0:
                 hooks.running.clear()
                 hooks.history.clear()
