@@ -92,6 +92,19 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def unsteered_baseline(model, tokenizer, source_prompts: Sequence[str] | None = None,
+                       control_prompts: Sequence[str] | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """The model's own greedy continuations and control log-probs, which every steered setting is compared to."""
+    source_prompts = list(EVAL_SOURCE_PROMPTS if source_prompts is None else source_prompts)
+    control_prompts = list(EVAL_CONTROL_PROMPTS if control_prompts is None else control_prompts)
+    control = generate_continuations(model, tokenizer, control_prompts, max_new_tokens=max_new_tokens)
+    return {
+        "source": generate_continuations(model, tokenizer, source_prompts, max_new_tokens=max_new_tokens),
+        "control": control,
+        "control_log_probs": [continuation_log_probs(model, tokenizer, p, c)[0] for p, c in zip(control_prompts, control)],
+    }
+
+
 def evaluate_lm(
     model,
     tokenizer,
@@ -102,6 +115,7 @@ def evaluate_lm(
     source_prompts: Sequence[str] | None = None,
     control_prompts: Sequence[str] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    baseline: dict | None = None,
     **attach_options,
 ) -> dict[str, float]:
     """Measure one steering setting on held-out prompts (default `EVAL_SOURCE_PROMPTS` and
@@ -122,14 +136,17 @@ def evaluate_lm(
       control continuations (nats per token, fed token by token as in generation);
     - lambda_source / lambda_control: mean lambda over the hooked layers and tokens in those passes
       (source: along the unsteered source continuations); NaN unsteered, 1 for plain steering.
+
+    `baseline` (from `unsteered_baseline` on the same prompts) saves recomputing the unsteered
+    continuations on every call of a sweep.
     """
     from ..llm import attach
 
     source_prompts = list(EVAL_SOURCE_PROMPTS if source_prompts is None else source_prompts)
     control_prompts = list(EVAL_CONTROL_PROMPTS if control_prompts is None else control_prompts)
-    base_source = generate_continuations(model, tokenizer, source_prompts, max_new_tokens=max_new_tokens)
-    base_control = generate_continuations(model, tokenizer, control_prompts, max_new_tokens=max_new_tokens)
-    base_logp = [continuation_log_probs(model, tokenizer, p, c)[0] for p, c in zip(control_prompts, base_control)]
+    if baseline is None:
+        baseline = unsteered_baseline(model, tokenizer, source_prompts, control_prompts, max_new_tokens)
+    base_source, base_control, base_logp = baseline["source"], baseline["control"], baseline["control_log_probs"]
     if steering is None or alpha == 0:
         source, control, logp = base_source, base_control, base_logp
         lam_source = lam_control = float("nan")
@@ -189,7 +206,8 @@ def sweep(args=None, *, path: str | None = None, methods: Sequence[str] | None =
     tokenizer = AutoTokenizer.from_pretrained(folder)
     methods = list(methods or getattr(args, "methods", None) or ["mean_shift", "linear_act", "iti"])
     sets = fitting_sets()
-    base = evaluate_lm(model, tokenizer)
+    baseline = unsteered_baseline(model, tokenizer)
+    base = evaluate_lm(model, tokenizer, baseline=baseline)
     if progress:
         print(f"[lm insult] unsteered: concept rate {base['concept_rate_source']:.2f} on source, "
               f"{base['concept_rate_control']:.2f} on control", flush=True)
@@ -199,9 +217,9 @@ def sweep(args=None, *, path: str | None = None, methods: Sequence[str] | None =
                                 layers=layers, progress=False)
         where = layers or "default layers"
         for alpha in alphas:
-            plain = evaluate_lm(model, tokenizer, steering, alpha, gated=False)
+            plain = evaluate_lm(model, tokenizer, steering, alpha, gated=False, baseline=baseline)
             for gating in gatings:
-                dsas = evaluate_lm(model, tokenizer, steering, alpha, gating=gating)
+                dsas = evaluate_lm(model, tokenizer, steering, alpha, gating=gating, baseline=baseline)
                 for mode, r in (("plain", plain), ("dsas", dsas)):
                     rows.append({"world": "lm", "concept": "insult", "method": method,
                                  "place": f"{where}, {gating} gating", "mode": mode, "alpha": alpha,

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+
+from ..eval.drift import pixel_drift
 
 from .t2i_world import COLOURS, SHAPES, Scene, all_scenes, colour_of, faithful, parse, shape_of
 
@@ -86,8 +89,7 @@ def measure(pipe, split: ConceptSplit, seeds: list[int], *, baseline: dict | Non
         "_control_images": ctl,
     }
     if baseline is not None:
-        base = baseline["_control_images"].astype(np.float32)
-        diff = np.abs(ctl.astype(np.float32) - base) / 255
-        result["control_drift"] = float(diff.mean())
+        result["control_drift"] = float(np.mean([pixel_drift(Image.fromarray(a), Image.fromarray(b))
+                                                 for a, b in zip(ctl, baseline["_control_images"])]))
         result["control_identical"] = float(np.mean([np.array_equal(a, b) for a, b in zip(ctl, baseline["_control_images"])]))
     return result
