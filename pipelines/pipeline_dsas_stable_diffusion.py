@@ -160,7 +160,7 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
         scales = {}
         if "text_encoder" in handles:  # first recorded call: the positive prompts
             for local, chunks in handles["text_encoder"].history.items():
-                scales[handles["text_encoder"].layer_names[local]] = chunks[0].float().cpu()
+                scales[handles["text_encoder"].layer_names[local]] = chunks[0].squeeze(-1).float().cpu()
         if "unet" in handles:
             unet = handles["unet"]
             height = kwargs.get("height") or self.unet.config.sample_size * self.vae_scale_factor

@@ -56,9 +56,8 @@ class HookSet:
         self._handles: list = []
 
     def _attach(self):
-        if self._pre_forward is not None:
-            self._handles.append(self.root.register_forward_pre_hook(
-                lambda m, args, kwargs: self._pre_forward(self, args, kwargs), with_kwargs=True))
+        self._handles.append(self.root.register_forward_pre_hook(
+            lambda m, args, kwargs: self._begin_call(args, kwargs), with_kwargs=True))
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
 
@@ -69,6 +68,11 @@ class HookSet:
                 return None if new is None else (new, *output[1:])
             return self._on_output(name, output)
         return hook
+
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
+        """Runs before every forward of the root: a new call begins."""
+        if self._pre_forward is not None:
+            self._pre_forward(self, args, kwargs)
 
     def _on_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError

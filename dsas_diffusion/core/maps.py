@@ -110,9 +110,12 @@ class LinearAcT(SteeringMap):
             hi = torch.full_like(xm, torch.inf)
         return cls(beta=beta.float(), alpha=alpha.float(), lo=lo.float(), hi=hi.float())
 
+    def __post_init__(self):
+        self._slope = self.beta - 1  # once here, not once per layer call
+
     def delta(self, x):
         xc = torch.clamp(x, self.lo, self.hi)
-        return torch.addcmul(self.alpha, self.beta - 1, xc)
+        return torch.addcmul(self.alpha, self._slope, xc)
 
 
 @dataclass

@@ -3,15 +3,22 @@
 Per position the gate costs one dot product: the logit of a mean of activations is the mean of
 the per-position logits (the gate is linear before the sigmoid), so the pooled modes only pool
 the scalar projections, and a KV-cached token updates a running (sum, count) per row in O(1).
+
+What depends only on the positions of a call (real tokens, running counts, the masks of the first
+token and of leading padding) is the same for every hooked layer, so it is computed once per
+forward call (`positions`) and each layer pays only its own few ops (`layer_lambdas`): on a
+cached decoding step with a mean shift that is a dot product, four tiny ops and one addcmul.
 No host-device synchronisation and no Python loop over positions happen on this path.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .config import Gating, LayerKind
 from .gate import Gate
@@ -20,6 +27,113 @@ from .maps import SteeringMap
 
 if TYPE_CHECKING:
     from .steering import Steering
+
+State = tuple[torch.Tensor, torch.Tensor]  # running (sum of logits, count of real tokens), each (B, 1, 1)
+
+
+@dataclass
+class Positions:
+    """Facts about one call's positions that every hooked layer shares.
+
+    Tensors carry a trailing axis of 1, the shape of a per-position scale over (B, K, D)
+    activations, so no layer pays for reshaping them.
+    """
+
+    valid: torch.Tensor | None  # (B, K, 1) float, 1.0 for real tokens; None when every token is real
+    count: torch.Tensor  # (B, 1, 1) real tokens so far, this call included: the running count after it
+    seen: torch.Tensor | None  # (B, K, 1) real tokens so far at each position, at least 1: the causal divisor
+    drop: torch.Tensor | None  # (B, K, 1) bool, lambda forced to 0: the first token, leading padding
+    pad: torch.Tensor | None  # (B, K, 1) bool, padding that takes the sequence decision (token gating)
+    rows: torch.Tensor | None  # (B, 1, 1) float, 1.0 for the batch rows to steer; None: all
+
+
+def positions(
+    b: int,
+    k: int,
+    device: torch.device | str,
+    *,
+    gating: Gating,
+    kind: LayerKind = "tokens",
+    valid: torch.Tensor | None = None,
+    skip_first: bool = False,
+    prior_count: torch.Tensor | None = None,
+    starts: bool = True,
+    rows: torch.Tensor | None = None,
+) -> Positions:
+    """The shared part of the gate for a call of B rows and K positions (see `gate_lambdas`)."""
+    vf = None if valid is None else valid.to(device=device, dtype=torch.float32).unsqueeze(-1)
+    if vf is None:
+        count = torch.full((b, 1, 1), float(k), device=device) if prior_count is None else prior_count + k
+    else:
+        n = vf if k == 1 else vf.sum(1, keepdim=True)
+        count = n if prior_count is None else prior_count + n
+    masks = starts and (skip_first or valid is not None)
+    causal = gating == "causal" and kind != "spatial"
+    seen = drop = None
+    if causal or masks:
+        if k == 1:
+            seen = count
+        else:
+            seen = (torch.ones(b, k, 1, device=device) if vf is None else vf).cumsum(1)
+            if prior_count is not None:
+                seen = seen + prior_count
+    if masks:
+        drop = seen == 0  # left padding before any real token
+        if skip_first:  # the first real token of the sequence, if it is in this call
+            drop = drop | ((seen == 1) if vf is None else (seen == 1) & (vf > 0))
+    pad = None
+    if valid is not None and gating == "token":
+        pad = ~valid.to(device=device, dtype=torch.bool).unsqueeze(-1)
+    if rows is not None:
+        rows = rows.to(device=device, dtype=torch.float32).view(b, 1, 1)
+    return Positions(vf, count, seen.clamp_min(1) if causal else None, drop, pad, rows)
+
+
+def layer_lambdas(
+    proj: torch.Tensor,
+    pos: Positions,
+    *,
+    gating: Gating,
+    kind: LayerKind = "tokens",
+    floor: float = 0.0,
+    prior_sum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State]:
+    """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and its new state."""
+    k = proj.shape[1]
+    if gating == "causal" and kind != "spatial":
+        if k == 1:  # a cached decoding step: the running sum moves by one token
+            if pos.valid is None:
+                run = proj if prior_sum is None else proj + prior_sum
+            else:
+                run = proj * pos.valid if prior_sum is None else torch.addcmul(prior_sum, proj, pos.valid)
+            total = run
+        else:
+            run = (proj if pos.valid is None else proj * pos.valid).cumsum(1)
+            if prior_sum is not None:
+                run = run + prior_sum
+            total = run[:, -1:]  # the last running sum, so cached steps add up as this cumsum does
+        logits = run / pos.seen
+    else:
+        pv = proj if pos.valid is None else proj * pos.valid
+        total = pv if k == 1 else pv.sum(1, keepdim=True)
+        if prior_sum is not None:
+            total = total + prior_sum
+        if gating == "sequence" or gating == "causal":  # images cannot be read causally: their mean decides
+            logits = total / pos.count.clamp_min(1)  # one sigmoid per row, broadcast over positions at the end
+        elif pos.pad is None:
+            logits = proj
+        else:  # padding positions take the sequence decision
+            logits = torch.where(pos.pad, total / pos.count.clamp_min(1), proj)
+    lam = torch.sigmoid(logits)
+    if floor > 0:
+        lam = lam.masked_fill(lam < floor, 0.0)
+    if pos.drop is not None:
+        lam = lam.masked_fill(pos.drop, 0.0)
+    if pos.rows is not None:
+        lam = lam * pos.rows
+    if lam.shape[1] != k:
+        lam = lam.expand(-1, k, -1)
+    return lam, (total, pos.count)
 
 
 def gate_lambdas(
@@ -30,45 +144,23 @@ def gate_lambdas(
     valid: torch.Tensor | None = None,
     skip_first: bool = False,
     floor: float = 0.0,
-    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prior: State | None = None,
     starts: bool = True,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, State]:
     """Lambdas (B, K) from gate logits `proj` (B, K) (bias included), and the updated running state.
 
-    `prior` is the (sum of logits, count of real tokens) per row seen in earlier calls of the
-    same sequence (KV cache); `valid` marks real tokens. Padding positions take the sequence
-    decision in `token` mode; the first real token of a sequence is not steered if `skip_first`.
-    `starts=False` says the call continues a sequence already under way (a cached decoding step):
-    no first token or leading padding can be in it, which saves their masks on the hot path.
+    `prior` is the running state returned for earlier calls of the same sequence (KV cache);
+    `valid` marks real tokens. Padding positions take the sequence decision in `token` mode; the
+    first real token of a sequence is not steered if `skip_first`. `starts=False` says the call
+    continues a sequence already under way (a cached decoding step): no first token or leading
+    padding can be in it, which saves their masks on the hot path.
     """
-    proj = proj.float()
-    b = proj.shape[0]
-    vf = None if valid is None else valid.to(proj.dtype)
-    pv = proj if vf is None else proj * vf
-    n = torch.full((b,), float(proj.shape[1]), device=proj.device) if vf is None else vf.sum(1)
-    p_sum, p_cnt = prior if prior is not None else (proj.new_zeros(b), proj.new_zeros(b))
-    tot, cnt = p_sum + pv.sum(1), p_cnt + n
-    masks = starts and (skip_first or valid is not None)
-    causal = gating == "causal" and kind != "spatial"
-    # real tokens seen so far at each position, shared by the causal mean and the masks
-    seen = p_cnt.unsqueeze(1) + (torch.ones_like(proj) if vf is None else vf).cumsum(1) if causal or masks else None
-    if gating == "sequence" or (gating == "causal" and kind == "spatial"):
-        logits = (tot / cnt.clamp_min(1)).unsqueeze(1).expand_as(proj)
-    elif causal:
-        logits = (p_sum.unsqueeze(1) + pv.cumsum(1)) / seen.clamp_min(1)
-    elif valid is None:
-        logits = proj
-    else:  # padding positions take the sequence decision
-        logits = torch.where(valid.bool(), proj, (tot / cnt.clamp_min(1)).unsqueeze(1))
-    lam = torch.sigmoid(logits)
-    if floor > 0:
-        lam = torch.where(lam < floor, torch.zeros_like(lam), lam)
-    if masks:
-        if skip_first:  # the first real token of the sequence, if it is in this call
-            first = seen == 1 if vf is None else (seen == 1) & (vf > 0)
-            lam = lam.masked_fill(first, 0.0)
-        lam = lam.masked_fill(seen == 0, 0.0)  # left padding before any real token
-    return lam, (tot, cnt)
+    proj = proj.float().unsqueeze(-1)
+    pos = positions(proj.shape[0], proj.shape[1], proj.device, gating=gating, kind=kind, valid=valid,
+                    skip_first=skip_first, prior_count=None if prior is None else prior[1], starts=starts)
+    lam, state = layer_lambdas(proj, pos, gating=gating, kind=kind, floor=floor,
+                               prior_sum=None if prior is None else prior[0])
+    return lam.squeeze(-1), state
 
 
 class _LayerRuntime:
@@ -82,7 +174,7 @@ class _LayerRuntime:
     def on(self, x: torch.Tensor) -> tuple[SteeringMap, torch.Tensor, torch.Tensor]:
         key = (x.device, x.dtype)
         if key not in self._cast:
-            self._cast[key] = (self.map.to(x.device, x.dtype), self.gate.weight.to(x.device, x.dtype),
+            self._cast[key] = (self.map.to(x.device, x.dtype), self.gate.weight.to(x.device, x.dtype).view(1, -1),
                                self.gate.bias.to(x.device, torch.float32))
         return self._cast[key]
 
@@ -121,7 +213,8 @@ class SteeringHandle(HookSet):
         self.record_scales = record_scales
         self.track_running = False  # set by integrations whose calls continue a sequence (KV cache)
         self.continuing = False  # set per call by such integrations: this call extends a sequence
-        self.running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.running: dict[str, State] = {}
+        self._calls: dict = {}  # Positions of the current forward call, see `_positions`
         self.history: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.layer_names = {local: full for full, local in names.items()}
         self._layers = {
@@ -136,6 +229,7 @@ class SteeringHandle(HookSet):
     def reset(self):
         self.history.clear()
         self.running.clear()
+        self._calls.clear()
         self.valid = None
         self.rows = None
 
@@ -147,10 +241,29 @@ class SteeringHandle(HookSet):
         for local, chunks in self.history.items():
             full = self.layer_names[local]
             if self._layers[local].kind == "spatial":
-                out[full] = torch.stack(chunks)
+                out[full] = torch.stack(chunks).squeeze(-1)
             else:
-                out[full] = torch.cat(chunks, dim=1)
+                out[full] = torch.cat(chunks, dim=1).squeeze(-1)
         return out
+
+    def _begin_call(self, args, kwargs):
+        self._calls.clear()
+        super()._begin_call(args, kwargs)
+
+    def _positions(self, kind: LayerKind, tokens: torch.Tensor, prior: State | None) -> Positions:
+        """This call's `Positions`, computed by the first layer that needs them and shared by the rest."""
+        b, k = tokens.shape[:2]
+        prior_count = None if prior is None else prior[1]
+        key = (kind, b, k, tokens.device, id(prior_count))
+        hit = self._calls.get(key)
+        # the entry holds the tensors it was computed from, so their ids cannot be reused while it lives
+        if hit is not None and hit[0] is self.valid and hit[1] is self.rows and hit[2] is prior_count:
+            return hit[3]
+        pos = positions(b, k, tokens.device, gating=self.gating, kind=kind, valid=self.valid,
+                        skip_first=self.skip_first_token, prior_count=prior_count,
+                        starts=not (self.track_running and self.continuing), rows=self.rows)
+        self._calls[key] = (self.valid, self.rows, prior_count, pos)
+        return pos
 
     def _on_output(self, name, x):
         layer = self._layers[name]
@@ -165,18 +278,23 @@ class SteeringHandle(HookSet):
         map_, weight, bias = layer.on(tokens)
         if self.gated:
             prior = self.running.get(name) if self.track_running else None
-            lam, state = gate_lambdas(
-                (tokens @ weight).float() + bias, gating=self.gating, kind=layer.kind, valid=self.valid,
-                skip_first=self.skip_first_token, floor=self.lambda_floor, prior=prior,
-                starts=not (self.track_running and self.continuing),
-            )
+            pos = self._positions(layer.kind, tokens, prior)
+            lam, state = layer_lambdas(_project(tokens, weight, bias), pos, gating=self.gating, kind=layer.kind,
+                                       floor=self.lambda_floor, prior_sum=None if prior is None else prior[0])
             if self.track_running:
                 self.running[name] = state
         else:  # plain steering: lambda = 1 everywhere
-            lam = tokens.new_ones(tokens.shape[:2], dtype=torch.float32)
-        if self.rows is not None:
-            lam = lam * self.rows.to(lam.device, lam.dtype).unsqueeze(1)
-        if self.record_scales:
-            self.history[name].append(lam.detach())
-        scale = (lam * self.strength).to(tokens.dtype).unsqueeze(-1)
-        return restore(torch.addcmul(tokens, scale, map_.delta(tokens)))
+            lam = tokens.new_ones((*tokens.shape[:2], 1), dtype=torch.float32)
+            if self.rows is not None:
+                lam = lam * self.rows.to(lam.device, lam.dtype).view(-1, 1, 1)
+        if self.record_scales:  # (B, K, 1): `scales` drops the last axis when it is read, not here
+            self.history[name].append(lam.detach() if lam.requires_grad else lam)
+        scale = lam if lam.dtype == tokens.dtype else lam.to(tokens.dtype)
+        return restore(torch.addcmul(tokens, scale, map_.delta(tokens), value=self.strength))
+
+
+def _project(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Gate logits (B, K, 1) in float32 (`weight` is (1, D)): one fused op when the activations are float32."""
+    if tokens.dtype == torch.float32:
+        return F.linear(tokens, weight, bias)
+    return F.linear(tokens, weight).float() + bias
