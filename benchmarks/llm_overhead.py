@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from .measure import compare
@@ -29,6 +32,11 @@ def llm(args) -> dict:
         plain()
         handle[0] = attach(steering, model, strength=1.0)
 
+    if args.compile:  # compiled copies: a plain one and one whose steering is traced into its graph
+        compiled = copy.deepcopy(model), copy.deepcopy(model)
+        attach(steering, compiled[1], strength=1.0)
+        for m in compiled:
+            m.compile()
     new_tokens = 8 if args.quick else 32
     prompt_len = 32 if args.quick else 128
     cases = {}
@@ -45,6 +53,10 @@ def llm(args) -> dict:
 
         cases[f"llm prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
         cases[f"llm generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
+        if args.compile:
+            cases[f"llm compiled generate, batch {batch}"] = tuple(
+                functools.partial(m.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) for m in compiled)
     results = compare(cases, args.device, args.repeats)
     plain()
     for batch in (1, 8):  # decode alone: generate minus its prefill

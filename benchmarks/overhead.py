@@ -3,6 +3,7 @@
     python -m benchmarks.overhead --quick     # small stand-in models, under a minute on 2 CPU cores
     python -m benchmarks.overhead             # SD-1.5-sized UNet + text encoder, ~134M Llama
     python -m benchmarks.overhead --device cuda
+    python -m benchmarks.overhead --only llm --compile   # also torch.compile'd plain vs steered generate()
 
 Prints one line per case: median over repeats of (steered time / stock time) and of the peak
 memory ratio, each ratio taken between adjacent runs. Weights are random: the cost of steering
@@ -88,6 +89,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per image")
     parser.add_argument("--size", type=int, default=None, help="image size of the full run")
     parser.add_argument("--only", choices=["diffusion", "llm", "fit"], action="append")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compare torch.compile'd plain and steered LM generate() (compiling takes minutes)")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
