@@ -53,7 +53,7 @@ def llm(args) -> dict:
 
         cases[f"llm prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
         cases[f"llm generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
-        if args.compile:
+        if args.compile and batch == 1:  # each batch size costs minutes of compiling
             cases[f"llm compiled generate, batch {batch}"] = tuple(
                 functools.partial(m.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) for m in compiled)
