@@ -3,7 +3,7 @@
     python -m benchmarks.overhead --quick     # small stand-in models, under a minute on 2 CPU cores
     python -m benchmarks.overhead             # SD-1.5-sized UNet + text encoder, ~134M Llama
     python -m benchmarks.overhead --device cuda
-    python -m benchmarks.overhead --only llm --compile   # also torch.compile'd plain vs steered generate()
+    python -m benchmarks.overhead --compile      # also torch.compile'd stock vs steered UNet and generate()
 
 Prints one line per case: median over repeats of (steered time / stock time) and of the peak
 memory ratio, each ratio taken between adjacent runs. Weights are random: the cost of steering
@@ -13,6 +13,7 @@ does not depend on their values. Every layer is steered (accuracy_threshold=0): 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import time
@@ -61,6 +62,14 @@ def diffusion(args) -> dict:
     cases = {f"diffusion {name}": (stock_present, (use(s), gen(pipe, present))) for name, s in parts.items()}
     cases["diffusion both, plain steering"] = (stock_present, (use(steering), gen(pipe, present, gated=False)))
     cases["diffusion both, concept absent"] = (stock_absent, (use(steering), gen(pipe, absent)))
+    if args.compile:  # compiled copies of the UNet: a stock one and one with the steering traced in
+        stock_c = StableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
+        pipe_c = DSASStableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
+        pipe_c.set_steering(steering)
+        for p in (stock_c, pipe_c):
+            p.set_progress_bar_config(disable=True)
+            p.unet.compile()
+        cases["diffusion both, compiled UNet"] = (gen(stock_c, present), gen(pipe_c, present))
     results = compare(cases, args.device, args.repeats)
     pipe.set_steering(None)
     return results
@@ -90,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="image size of the full run")
     parser.add_argument("--only", choices=["diffusion", "llm", "fit"], action="append")
     parser.add_argument("--compile", action="store_true",
-                        help="also compare torch.compile'd plain and steered LM generate() (compiling takes minutes)")
+                        help="also compare torch.compile'd stock and steered UNets and LM generate() (compiling takes minutes)")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
