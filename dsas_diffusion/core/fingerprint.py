@@ -1,6 +1,6 @@
 """A fingerprint of the model a Steering was fitted on, so it is never applied to another one.
 
-Names and widths catch other architectures; a few weight values of one parameter catch other
+Names and widths catch other architectures; a few weight values of three parameters catch other
 checkpoints of the same architecture (fine-tunes, SD 1.4 vs 1.5 UNets) while staying stable
 across dtype casts (fp16 / bf16 round the values by well under the tolerance used here).
 """
@@ -29,37 +29,60 @@ def _offloaded_value(root: nn.Module, name: str) -> torch.Tensor | None:
     return None
 
 
+def _probe_names(root: nn.Module) -> list[str]:
+    """The first, middle and last parameters with enough values: a fine-tune that leaves the
+    embeddings almost untouched still moves the layers deeper in."""
+    names = [n for n, p in root.named_parameters() if p.numel() >= NUM_PROBE_VALUES]
+    if not names:
+        return []
+    return list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
+
+
+def _probe_values(root: nn.Module, names: list[str]) -> torch.Tensor | None:
+    """NUM_PROBE_VALUES evenly spaced values of each named parameter; None where offloaded weights
+    cannot be read. A name the model lacks raises KeyError."""
+    params = dict(root.named_parameters())
+    values = []
+    for name in names:
+        param = params[name]
+        if param.is_meta:
+            param = _offloaded_value(root, name)
+            if param is None:
+                return None
+        # integer spacing: a float32 linspace rounds past the end once a tensor passes 2**24 elements
+        idx = torch.arange(NUM_PROBE_VALUES) * (param.numel() - 1) // (NUM_PROBE_VALUES - 1)
+        values.append(param.detach().flatten()[idx.to(param.device)].float().cpu())
+    return torch.cat(values) if values else torch.zeros(0)
+
+
 def fingerprint(root: nn.Module) -> tuple[dict, torch.Tensor | None]:
     """(JSON-able description, probe values; None where offloaded weights cannot be read)."""
-    name, param = next(((n, p) for n, p in root.named_parameters() if p.numel() >= NUM_PROBE_VALUES), (None, None))
+    names = _probe_names(root)
     n_params = sum(p.numel() for p in root.parameters())
-    info = {"class": type(root).__name__, "num_parameters": n_params, "probe_parameter": name}
-    if param is None:
-        return info, torch.zeros(0)
-    if param.is_meta:
-        param = _offloaded_value(root, name)
-        if param is None:
-            return info, None
-    # integer spacing: a float32 linspace rounds past the end once a tensor passes 2**24 elements
-    idx = torch.arange(NUM_PROBE_VALUES) * (param.numel() - 1) // (NUM_PROBE_VALUES - 1)
-    return info, param.detach().flatten()[idx.to(param.device)].float().cpu()
+    info = {"class": type(root).__name__, "num_parameters": n_params, "probe_parameters": names}
+    return info, _probe_values(root, names)
 
 
 def check_fingerprint(saved: dict, probe: torch.Tensor, root: nn.Module, what: str, base_model: str | None) -> None:
-    info, values = fingerprint(root)
+    n_params = sum(p.numel() for p in root.parameters())
     origin = f" ({base_model})" if base_model else ""
     fix = "fit the steering again on this model, or pass check_model=False if you know the two are the same"
-    if saved.get("class") != info["class"] or saved.get("num_parameters") != info["num_parameters"]:
+    if saved.get("class") != type(root).__name__ or saved.get("num_parameters") != n_params:
         raise ValueError(
             f"this steering was fitted on a {what} of class {saved.get('class')} with {saved.get('num_parameters'):,} "
-            f"parameters{origin}; this {what} is a {info['class']} with {info['num_parameters']:,}: {fix}"
+            f"parameters{origin}; this {what} is a {type(root).__name__} with {n_params:,}: {fix}"
         )
+    # files written before the middle and last probes were added name one parameter
+    names = saved.get("probe_parameters", [saved["probe_parameter"]] if saved.get("probe_parameter") else [])
+    try:
+        values = _probe_values(root, names)
+    except KeyError as e:
+        raise ValueError(f"this steering was fitted on a {what} with other parameter names{origin} "
+                         f"({e.args[0]!r} is missing here): {fix}") from None
     if values is None:  # offloaded weights out of reach: the architecture check above is all we can do
         return
-    if saved.get("probe_parameter") != info["probe_parameter"] or not torch.allclose(
-        values, probe, rtol=2e-2, atol=1e-3
-    ):
+    if values.shape != probe.shape or not torch.allclose(values, probe, rtol=2e-2, atol=1e-3):
         raise ValueError(
             f"this steering was fitted on a {what} with other weights{origin} (same architecture, different "
-            f"checkpoint: {saved.get('probe_parameter')} differs): {fix}"
+            f"checkpoint: the values of {', '.join(names)} differ): {fix}"
         )

@@ -2,7 +2,7 @@
 
 Per position the gate costs one dot product: the logit of a mean of activations is the mean of
 the per-position logits (the gate is linear before the sigmoid), so the pooled modes only pool
-the scalar projections, and a KV-cached token updates a running (sum, count) per row in O(1).
+the scalar projections, and a KV-cached token updates a running (mean, count) per row in O(1).
 
 What depends only on the positions of a call (real tokens, running counts, the masks of the first
 token and of leading padding) is the same for every hooked layer, so it is computed once per
@@ -28,7 +28,7 @@ from .maps import SteeringMap
 if TYPE_CHECKING:
     from .steering import Steering
 
-State = tuple[torch.Tensor, torch.Tensor]  # running (sum of logits, count of real tokens), each (B, 1, 1)
+State = tuple[torch.Tensor, torch.Tensor]  # running (mean of logits, count of real tokens), each (B, 1, 1)
 
 
 @dataclass
@@ -40,8 +40,10 @@ class Positions:
     """
 
     valid: torch.Tensor | None  # (B, K, 1) float, 1.0 for real tokens; None when every token is real
+    prior: torch.Tensor | None  # (B, 1, 1) real tokens seen in earlier calls of the sequence; None: it starts here
     count: torch.Tensor  # (B, 1, 1) real tokens so far, this call included: the running count after it
     divisor: torch.Tensor  # (B, 1, 1) the count, at least 1: the mean's divisor
+    step: torch.Tensor | None  # (B, 1, 1) weight of a single new token in the running mean (cached decoding)
     seen: torch.Tensor | None  # (B, K, 1) real tokens so far at each position, at least 1: the causal divisor
     drop: torch.Tensor | None  # (B, K, 1) bool, lambda forced to 0: the first token, leading padding
     pad: torch.Tensor | None  # (B, K, 1) bool, padding that takes the sequence decision (token gating)
@@ -68,10 +70,14 @@ def positions(
     else:
         n = vf if k == 1 else vf.sum(1, keepdim=True)
         count = n if prior_count is None else prior_count + n
+    divisor = count.clamp_min(1)
+    step = None
+    if k == 1 and prior_count is not None:  # mean' = mean + valid / count * (logit - mean)
+        step = divisor.reciprocal() if vf is None else vf / divisor
     masks = starts and (skip_first or valid is not None)
     causal = gating == "causal" and kind != "spatial"
     seen = drop = None
-    if causal or masks:
+    if (causal and step is None) or masks:
         if k == 1:
             seen = count
         else:
@@ -87,7 +93,8 @@ def positions(
         pad = ~valid.to(device=device, dtype=torch.bool).unsqueeze(-1)
     if rows is not None:
         rows = rows.to(device=device, dtype=torch.float32).view(b, 1, 1)
-    return Positions(vf, count, count.clamp_min(1), seen.clamp_min(1) if causal else None, drop, pad, rows)
+    seen = seen.clamp_min(1) if causal and seen is not None else None
+    return Positions(vf, prior_count, count, divisor, step, seen, drop, pad, rows)
 
 
 def layer_lambdas(
@@ -97,34 +104,33 @@ def layer_lambdas(
     gating: Gating,
     kind: LayerKind = "tokens",
     floor: float = 0.0,
-    prior_sum: torch.Tensor | None = None,
+    prior_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
-    """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and its new state."""
+    """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and its new state.
+
+    The state is the running mean of the logits, not their sum: the pooled and causal logits are
+    that mean already, so keeping it costs nothing, and a cached token moves it in one lerp.
+    """
     k = proj.shape[1]
-    if gating == "causal" and kind != "spatial":
-        if k == 1:  # a cached decoding step: the running sum moves by one token
-            if pos.valid is None:
-                run = proj if prior_sum is None else proj + prior_sum
-            else:
-                run = proj * pos.valid if prior_sum is None else torch.addcmul(prior_sum, proj, pos.valid)
-            total = run
-        else:
-            run = (proj if pos.valid is None else proj * pos.valid).cumsum(1)
-            if prior_sum is not None:
-                run = run + prior_sum
-            total = run[:, -1:]  # the last running sum, so cached steps add up as this cumsum does
-        logits = run / pos.seen
+    token = gating == "token"
+    if pos.step is not None and prior_mean is not None:  # a cached decoding step
+        mean = torch.lerp(prior_mean, proj, pos.step)
+        logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
     else:
         pv = proj if pos.valid is None else proj * pos.valid
-        total = pv if k == 1 else pv.sum(1, keepdim=True)
-        if prior_sum is not None:
-            total = total + prior_sum
-        if gating == "sequence" or gating == "causal":  # images cannot be read causally: their mean decides
-            logits = total / pos.divisor  # one sigmoid per row, broadcast over positions at the end
-        elif pos.pad is None:
-            logits = proj
-        else:  # padding positions take the sequence decision
-            logits = torch.where(pos.pad, total / pos.divisor, proj)
+        if gating == "causal" and kind != "spatial":
+            run = pv if k == 1 else pv.cumsum(1)
+            if prior_mean is not None:
+                run = torch.addcmul(run, prior_mean, pos.prior)
+            logits = run / pos.seen
+            mean = logits[:, -1:]  # the causal mean at the last position is the mean of all so far
+        else:
+            total = pv if k == 1 else pv.sum(1, keepdim=True)
+            if prior_mean is not None:
+                total = torch.addcmul(total, prior_mean, pos.prior)
+            mean = total / pos.divisor
+            # images cannot be read causally: their mean decides, one sigmoid per row broadcast at the end
+            logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
     lam = torch.sigmoid(logits)
     if floor > 0:
         lam = lam.masked_fill(lam < floor, 0.0)
@@ -134,7 +140,7 @@ def layer_lambdas(
         lam = lam * pos.rows
     if lam.shape[1] != k:
         lam = lam.expand(-1, k, -1)
-    return lam, (total, pos.count)
+    return lam, (mean, pos.count)
 
 
 def gate_lambdas(
@@ -160,7 +166,7 @@ def gate_lambdas(
     pos = positions(proj.shape[0], proj.shape[1], proj.device, gating=gating, kind=kind, valid=valid,
                     skip_first=skip_first, prior_count=None if prior is None else prior[1], starts=starts)
     lam, state = layer_lambdas(proj, pos, gating=gating, kind=kind, floor=floor,
-                               prior_sum=None if prior is None else prior[0])
+                               prior_mean=None if prior is None else prior[0])
     return lam.squeeze(-1), state
 
 
@@ -171,12 +177,17 @@ class _LayerRuntime:
         self.map, self.gate, self.kind, self.steered = map_, gate, kind, steered
         self.width = map_.width
         self._cast: dict = {}
+        self._last: tuple | None = None
 
     def on(self, x: torch.Tensor) -> tuple[SteeringMap, torch.Tensor, torch.Tensor]:
+        last = self._last
+        if last is not None and last[0] is x.dtype and last[1] == x.device:  # the hot path: as last call
+            return last[2]
         key = (x.device, x.dtype)
         if key not in self._cast:
             self._cast[key] = (self.map.to(x.device, x.dtype), self.gate.weight.to(x.device, x.dtype).view(1, -1),
                                self.gate.bias.to(x.device, x.dtype).view(1))
+        self._last = (x.dtype, x.device, self._cast[key])
         return self._cast[key]
 
 
@@ -255,7 +266,7 @@ class SteeringHandle(HookSet):
         """This call's `Positions`, computed by the first layer that needs them and shared by the rest."""
         b, k = tokens.shape[:2]
         prior_count = None if prior is None else prior[1]
-        key = (kind, b, k, tokens.device, id(prior_count))
+        key = (kind, b, k, id(prior_count))  # one call runs on one device
         hit = self._calls.get(key)
         # the entry holds the tensors it was computed from, so their ids cannot be reused while it lives
         if hit is not None and hit[0] is self.valid and hit[1] is self.rows and hit[2] is prior_count:
@@ -270,7 +281,7 @@ class SteeringHandle(HookSet):
         layer = self._layers[name]
         if self.strength == 0 or (self.gated and not layer.steered):
             return None
-        tokens, restore = as_tokens(x)
+        tokens, restore = (x, None) if x.dim() == 3 else as_tokens(x)
         if tokens.shape[-1] != layer.width:
             raise ValueError(
                 f"layer {self.layer_names[name]!r} produces activations of width {tokens.shape[-1]}, but the steering "
@@ -280,8 +291,10 @@ class SteeringHandle(HookSet):
         if self.gated:
             prior = self.running.get(name) if self.track_running else None
             pos = self._positions(layer.kind, tokens, prior)
-            lam, state = layer_lambdas(_project(tokens, weight, bias), pos, gating=self.gating, kind=layer.kind,
-                                       floor=self.lambda_floor, prior_sum=None if prior is None else prior[0])
+            proj = F.linear(tokens, weight, bias)  # (B, K, 1); in half precision the bias is rounded too
+            lam, state = layer_lambdas(proj if proj.dtype is torch.float32 else proj.float(), pos,
+                                       gating=self.gating, kind=layer.kind,
+                                       floor=self.lambda_floor, prior_mean=None if prior is None else prior[0])
             if self.track_running:
                 self.running[name] = state
         else:  # plain steering: lambda = 1 everywhere
@@ -291,14 +304,6 @@ class SteeringHandle(HookSet):
         if self.record_scales:  # (B, K, 1): `scales` drops the last axis when it is read, not here
             self.history[name].append(lam.detach() if lam.requires_grad else lam)
         scale = lam if lam.dtype == tokens.dtype else lam.to(tokens.dtype)
-        return restore(torch.addcmul(tokens, scale, map_.delta(tokens), value=self.strength))
+        out = torch.addcmul(tokens, scale, map_.delta(tokens), value=self.strength)
+        return out if restore is None else restore(out)
 
-
-def _project(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Gate logits (B, K, 1) in float32 (`weight` (1, D) and `bias` in the activations' dtype).
-
-    In half precision the bias is added before the cast: one rounding more, of the same size as
-    the one the dot product already takes, for one op less per layer.
-    """
-    proj = F.linear(tokens, weight, bias)
-    return proj if proj.dtype == torch.float32 else proj.float()

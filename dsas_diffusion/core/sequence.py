@@ -1,7 +1,7 @@
 """Which tokens of a causal-LM forward call are real, and whether the call starts a new sequence.
 
 The hooks need both: padding must never enter a gate's mean, and with a KV cache each call
-continues the sequence of the previous one, so the per-row running (sum, count) of gate logits
+continues the sequence of the previous one, so the per-row running (mean, count) of gate logits
 must survive between calls and be cleared when a new sequence begins.
 
 Reads the arguments a transformers causal LM receives (`attention_mask`, `input_ids` /
