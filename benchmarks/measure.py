@@ -25,6 +25,7 @@ def peak_memory(device: str, result: dict):
         return
     import psutil
 
+    _release_freed_heap()
     proc, peak, done = psutil.Process(), [0], threading.Event()
 
     def sample():
@@ -40,6 +41,19 @@ def peak_memory(device: str, result: dict):
         done.set()
         thread.join()
         result["peak"] = max(peak[0], proc.memory_info().rss)
+
+
+def _release_freed_heap() -> None:
+    """Give memory freed by earlier runs back to the OS (glibc keeps it mapped), so the RSS peak
+    of a run measures that run and not what the allocator happened to retain before it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS stays the rougher measure it is
+        pass
 
 
 def timed(fn, device: str) -> tuple[float, int]:
