@@ -57,7 +57,8 @@ def llm(args) -> dict:
             cases[f"llm compiled generate, batch {batch}"] = tuple(
                 functools.partial(m.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) for m in compiled)
-    results = compare(cases, args.device, args.repeats)
+    # a call takes a second or less, and decoding is read off as generate minus prefill: more repeats
+    results = compare(cases, args.device, args.llm_repeats or (args.repeats if args.quick else 15))
     plain()
     for batch in (1, 8):  # decode alone: generate minus its prefill
         g, p = results[f"llm generate {new_tokens} tokens, batch {batch}"], results[f"llm prefill, batch {batch}"]

@@ -95,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--llm-repeats", type=int, default=None, help="repeats of the LLM cases (full run: 15)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per image")
     parser.add_argument("--size", type=int, default=None, help="image size of the full run")
     parser.add_argument("--only", choices=["diffusion", "llm", "fit"], action="append")
