@@ -7,7 +7,7 @@ the scalar projections, and a KV-cached token updates a running (mean, count) pe
 What depends only on the positions of a call (real tokens, running counts, the masks of the first
 token and of leading padding) is the same for every hooked layer, so it is computed once per
 forward call (`positions`) and each layer pays only its own few ops (`layer_lambdas`): on a
-cached decoding step with a mean shift that is a dot product, four tiny ops and one addcmul.
+cached decoding step with a mean shift, a dot product, a lerp, a sigmoid and one addcmul.
 No host-device synchronisation and no Python loop over positions happen on this path.
 """
 
