@@ -8,19 +8,17 @@ import functools
 import torch
 
 from .measure import compare
-from .models import TOKENIZER, llama, prompts
+from .models import TOKENIZER, llama, lm_steering
 
 
 def llm(args) -> dict:
     from transformers import CLIPTokenizer
 
-    from dsas_diffusion.llm import attach, fit_steering
+    from dsas_diffusion.llm import attach
 
     model = llama(full=not args.quick, dtype=args.dtype).to(args.device)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)  # any tokenizer with a pad token: ids stay below 512
-    steering = fit_steering(model, tokenizer, source=prompts(16, "banana"), target=prompts(16, "apple"),
-                            control=prompts(16, None, seed=1), method="linear_act", accuracy_threshold=0.0,
-                            progress=False)
+    steering = lm_steering(model, tokenizer)
     handle = [None]
 
     def plain():

@@ -73,3 +73,17 @@ def prompts(n: int, concept: str | None, seed: int = 0) -> list[str]:
         thing = concept or rng.choice(things)
         out.append(f"a photo of a {rng.choice(adjs)} {thing} in the {rng.choice(places)}, {rng.choice(adjs)} style")
     return out
+
+
+def pipe_steering(pipe, size: int, n: int = 8):
+    """The benchmarks' concept ("banana" -> "apple"), fitted on every UNet and text-encoder layer."""
+    return pipe.fit_steering(prompts(n, "banana"), prompts(n, "apple"), prompts(n, None, seed=1), method="linear_act",
+                             num_inference_steps=1, height=size, width=size, accuracy_threshold=0.0, progress=False)
+
+
+def lm_steering(model, tokenizer, n: int = 16):
+    """The same concept on a language model, every layer steered."""
+    from dsas_diffusion.llm import fit_steering
+
+    return fit_steering(model, tokenizer, source=prompts(n, "banana"), target=prompts(n, "apple"),
+                        control=prompts(n, None, seed=1), method="linear_act", accuracy_threshold=0.0, progress=False)

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .models import TOKENIZER, llama, prompts, sd_components
+from .models import TOKENIZER, llama, lm_steering, pipe_steering, sd_components
 
 
 def diffusion_checks(device: str, dtype, size: int, steps: int) -> dict[str, bool]:
@@ -26,9 +26,7 @@ def diffusion_checks(device: str, dtype, size: int, steps: int) -> dict[str, boo
     pipe = DSASStableDiffusionPipeline(**comps).to(device)
     for p in (stock, pipe):
         p.set_progress_bar_config(disable=True)
-    steering = pipe.fit_steering(prompts(8, "banana"), prompts(8, "apple"), prompts(8, None, seed=1),
-                                 method="linear_act", num_inference_steps=1, height=size, width=size,
-                                 accuracy_threshold=0.0, progress=False)
+    steering = pipe_steering(pipe, size)
     kw = dict(num_inference_steps=steps, height=size, width=size, output_type="np")
     prompt = "a photo of a red banana in the kitchen"
 
@@ -48,13 +46,11 @@ def diffusion_checks(device: str, dtype, size: int, steps: int) -> dict[str, boo
 def llm_checks(device: str, dtype) -> dict[str, bool]:
     from transformers import CLIPTokenizer
 
-    from dsas_diffusion.llm import attach, fit_steering
+    from dsas_diffusion.llm import attach
 
     model = llama(full=False, dtype=dtype).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    steering = fit_steering(model, tokenizer, source=prompts(16, "banana"), target=prompts(16, "apple"),
-                            control=prompts(16, None, seed=1), method="linear_act", accuracy_threshold=0.0,
-                            progress=False)
+    steering = lm_steering(model, tokenizer)
     ids = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # a left-padded row

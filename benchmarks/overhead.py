@@ -23,7 +23,7 @@ import torch
 
 from .llm_overhead import llm
 from .measure import compare, peak_memory
-from .models import prompts, sd_components
+from .models import pipe_steering, prompts, sd_components
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,8 +45,7 @@ def diffusion(args) -> dict:
     for p in (pipe, stock):
         p.set_progress_bar_config(disable=True)
     size = 64 if args.quick else args.size
-    steering = pipe.fit_steering(prompts(8, "banana"), prompts(8, "apple"), prompts(8, None, seed=1), method="linear_act",
-                                 num_inference_steps=1, height=size, width=size, accuracy_threshold=0.0, progress=False)
+    steering = pipe_steering(pipe, size)
     parts = {"text encoder": steering.subset("text_encoder."), "unet attention": steering.subset("unet."),
              "both": steering}
     present, absent = "a photo of a red banana in the kitchen", "a photo of a red dog in the kitchen"
