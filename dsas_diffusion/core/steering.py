@@ -167,7 +167,7 @@ class Steering:
             raise ValueError(f"{config_path} is not valid JSON ({e}); the steering folder is damaged: save it again") from None
         config = SteeringConfig.from_dict(raw)
         try:
-            tensors = load_file(weights_path)
+            tensors = _owned(load_file(weights_path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(
                 f"{weights_path} is corrupt or truncated ({e}); save the steering again"
@@ -186,6 +186,13 @@ class Steering:
                 raise ValueError(f"layer {name!r}: tensor sizes do not match the config's width {info.width}; "
                                  "the folder is damaged: save it again")
         return cls(config, maps, gates, probes)
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor in memory of its own. safetensors may hand back views into one file buffer at
+    offsets that are not 64-byte aligned, and CPU kernels round differently on unaligned data, so a
+    loaded steering would not be bit-identical to the one that was saved."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
 
 def _natural_key(name: str) -> list:

@@ -215,3 +215,21 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     for f in tmp_path.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_a_loaded_steering_owns_aligned_memory_and_steers_bit_identically(tmp_path):
+    """safetensors can return views into one buffer at unaligned offsets, where CPU kernels round
+    differently: every loaded tensor must own 64-byte aligned memory of its own."""
+    model = Tiny()
+    steering, source, _ = fitted(model, method="linear_act")
+    steering.save_pretrained(tmp_path)
+    loaded = Steering.from_pretrained(tmp_path)
+    tensors = [t for n in loaded.layers for t in (*loaded.maps[n].tensors().values(), *loaded.gates[n].tensors().values())]
+    for t in tensors:
+        assert t.data_ptr() % 64 == 0
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    with steering.attach(model, strength=2.0) as h:
+        expected, expected_scales = model(source), h.scales
+    with loaded.attach(model, strength=2.0) as h:
+        assert torch.equal(model(source), expected)
+        assert all(torch.equal(h.scales[k], v) for k, v in expected_scales.items())
