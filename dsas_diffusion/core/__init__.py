@@ -6,11 +6,13 @@ from .gate import Gate, fit_gate
 from .hooks import ActivationCapture, HookSet
 from .maps import ITIC, MAPS, LinearAcT, MeanShift, SteeringMap, map_class
 from .modules import find_modules
+from .options import RunOptions
 from .runtime import SteeringHandle, gate_lambdas
 from .steering import CONFIG_NAME, WEIGHTS_NAME, Steering
 
 __all__ = [
     "FORMAT_VERSION", "LayerInfo", "SteeringConfig", "check_example_sets", "fit_from_activations", "Gate",
     "fit_gate", "ActivationCapture", "HookSet", "ITIC", "MAPS", "LinearAcT", "MeanShift", "SteeringMap",
-    "map_class", "find_modules", "SteeringHandle", "gate_lambdas", "CONFIG_NAME", "WEIGHTS_NAME", "Steering",
+    "map_class", "find_modules", "RunOptions", "SteeringHandle", "gate_lambdas", "CONFIG_NAME", "WEIGHTS_NAME",
+    "Steering",
 ]

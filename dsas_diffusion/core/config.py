@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .maps import MAPS
 
-FORMAT_VERSION = 1
+# 1: the first format. 2: the config names the sha256 of the weights file it was saved with
+# (`weights_sha256`), so a config never loads with weights it does not belong to. Format 1
+# files still load, without that check.
+FORMAT_VERSION = 2
+DIGEST_KEY = "weights_sha256"
 
 Gating = Literal["token", "causal", "sequence"]
 LayerKind = Literal["tokens", "spatial"]
@@ -87,22 +92,197 @@ class SteeringConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SteeringConfig":
-        version = d.get("format_version")
-        if not isinstance(version, int):
-            raise ValueError("steering_config.json has no integer 'format_version'; it was not written by dsas-diffusion")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"this steering was saved in format version {version} by a newer dsas-diffusion; this version reads "
-                f"format <= {FORMAT_VERSION}. Upgrade with `pip install -U dsas-diffusion`"
-            )
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"steering_config.json has unknown fields {unknown}; it is damaged or from another tool")
-        d = dict(d)
-        d["layers"] = {
-            k: LayerInfo(**{**v, "gate_accuracy": float("nan") if v.get("gate_accuracy") is None else v["gate_accuracy"]})
-            for k, v in d.get("layers", {}).items()
-        }
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str = "steering_config.json") -> "SteeringConfig":
+        """A config from `to_dict()` or a saved steering_config.json, checked field by field (see
+        `read_config_document`; the weights digest, which only a saved file has, is optional here)."""
+        return read_config_document(d, source, digest_required=False)[0]
+
+
+# ---- the JSON document: checked field by field on load, and before a save writes it --------------
+
+_FIX = "the file is damaged: fit and save the steering again"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FINGERPRINT_KEYS = {"class", "num_parameters", "probe_parameters", "probe_parameter"}
+_RESERVED_PREFIX = "__fingerprint__"
+
+
+class _Invalid(Exception):
+    """One problem with one field; the entry points add the file's name and the fix."""
+
+
+def read_config_document(d: Any, source: str = "steering_config.json",
+                         digest_required: bool = True) -> tuple[SteeringConfig, str | None]:
+    """(config, sha256 of its weights file or None for a format 1 file) from a parsed
+    steering_config.json. Every field must be there with its declared JSON type: `"false"` is
+    not false, `true` is not the integer 1, and numbers are finite and in range."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} holds a JSON {type(d).__name__}, not an object; {_FIX}")
+    version = d.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{source} has no integer 'format_version'; it was not written by dsas-diffusion "
+                         "(fit and save the steering again)")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"this steering was saved in format version {version} by a newer dsas-diffusion; this version reads "
+            f"format <= {FORMAT_VERSION}. Upgrade with `pip install -U dsas-diffusion`"
+        )
+    try:
+        return _read(d, version, digest_required)
+    except _Invalid as e:
+        raise ValueError(f"{source}: {e}; {_FIX}") from None
+
+
+def config_document(config: SteeringConfig, weights_sha256: str) -> dict[str, Any]:
+    """The JSON document a save writes, checked as a load will check it, so a save never writes a
+    folder that cannot be loaded."""
+    doc = {**config.to_dict(), "format_version": FORMAT_VERSION, DIGEST_KEY: weights_sha256}
+    try:
+        _read(doc, FORMAT_VERSION)
+    except _Invalid as e:
+        raise ValueError(f"this steering cannot be saved: its config's {e}; build the config with valid values "
+                         "(a fit does) and do not change its fields afterwards") from None
+    return doc
+
+
+def _read(d: dict, version: int, digest_required: bool = True) -> tuple[SteeringConfig, str | None]:
+    if version < 1:
+        raise _Invalid(f"'format_version' must be 1 or more, got {version}")
+    names = [f.name for f in fields(SteeringConfig)]
+    allowed = set(names) | ({DIGEST_KEY} if version >= 2 else set())
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise _Invalid(f"unknown fields {unknown} (is it damaged or from another tool?)")
+    missing = [n for n in sorted(allowed) if n not in d and (n != DIGEST_KEY or digest_required)]
+    if missing:
+        raise _Invalid(f"required fields {missing} are missing")
+    digest = None
+    if DIGEST_KEY in d:
+        digest = _string(d[DIGEST_KEY], repr(DIGEST_KEY))
+        if not _HEX64.fullmatch(digest):
+            raise _Invalid(f"{DIGEST_KEY!r} must be 64 lowercase hex digits (a sha256), got {digest!r}")
+    values = {
+        "method": _choice(d["method"], "'method'", sorted(MAPS)),
+        "pca_rank": _integer(d["pca_rank"], "'pca_rank'", 1),
+        "logistic_l2": _real(d["logistic_l2"], "'logistic_l2'", 0.0, math.inf, low_open=True),
+        "accuracy_threshold": _real(d["accuracy_threshold"], "'accuracy_threshold'", 0.0, 1.0),
+        "held_out_fraction": _real(d["held_out_fraction"], "'held_out_fraction'", 0.0, 1.0, high_open=True),
+        "gating": _choice(d["gating"], "'gating'", list(GATINGS)),
+        "skip_first_token": _boolean(d["skip_first_token"], "'skip_first_token'"),
+        "lambda_floor": _real(d["lambda_floor"], "'lambda_floor'", 0.0, 1.0, high_open=True),
+        "clamp_to_source_range": _boolean(d["clamp_to_source_range"], "'clamp_to_source_range'"),
+        "seed": _integer(d["seed"], "'seed'"),
+        "base_model": None if d["base_model"] is None else _string(d["base_model"], "'base_model'"),
+        "fingerprint": {k: _fingerprint_entry(v, f"fingerprint[{k!r}]")
+                        for k, v in _mapping(d["fingerprint"], "'fingerprint'").items()},
+        "targets": {k: _string(v, f"targets[{k!r}]") for k, v in _mapping(d["targets"], "'targets'").items()},
+        "num_examples": {k: _integer(v, f"num_examples[{k!r}]", 0)
+                         for k, v in _mapping(d["num_examples"], "'num_examples'").items()},
+        "layers": {k: _layer(v, k) for k, v in _mapping(d["layers"], "'layers'").items()},
+        "format_version": version,
+    }
+    if not values["layers"]:
+        raise _Invalid("'layers' lists no layer")
+    try:
+        return SteeringConfig(**values), digest
+    except ValueError as e:  # a rule of the dataclass itself
+        raise _Invalid(str(e)) from None
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r} (a JSON {_json_type(value)})"
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"{where} must be true or false, {_got(value)}")
+    return value
+
+
+def _integer(value: Any, where: str, minimum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(f"{where} must be an integer, {_got(value)}")
+    if minimum is not None and value < minimum:
+        raise _Invalid(f"{where} must be >= {minimum}, got {value}")
+    return value
+
+
+def _real(value: Any, where: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _Invalid(f"{where} must be a number, {_got(value)}")
+    value = float(value)
+    inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not math.isfinite(value) or not inside:
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise _Invalid(f"{where} must be a finite number in {bounds}, got {value!r}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be a string, {_got(value)}")
+    return value
+
+
+def _choice(value: Any, where: str, choices: list[str]) -> str:
+    if _string(value, where) not in choices:
+        raise _Invalid(f"{where} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Invalid(f"{where} must be an object, {_got(value)}")
+    return value
+
+
+def _exact_keys(value: dict, where: str, required: set[str], optional: set[str] = frozenset()) -> None:
+    missing, unknown = sorted(required - set(value)), sorted(set(value) - required - set(optional))
+    if missing or unknown:
+        raise _Invalid(f"{where} must hold {sorted(required)}" + (f"; {missing} missing" if missing else "")
+                       + (f"; unknown {unknown}" if unknown else ""))
+
+
+def _layer(value: Any, name: str) -> LayerInfo:
+    where = f"layers[{name!r}]"
+    if name.startswith(_RESERVED_PREFIX):
+        raise _Invalid(f"{where}: a layer name must be a module path such as 'blocks.0', not start with "
+                       f"{_RESERVED_PREFIX!r} (the weights file's fingerprint entries)")
+    value = _mapping(value, where)
+    _exact_keys(value, where, {"width", "kind", "gate_accuracy", "steered"})
+    accuracy = value["gate_accuracy"]  # JSON has no NaN: a gate scored on no held-out prompt saves null
+    return LayerInfo(
+        width=_integer(value["width"], f"{where}.width", 1),
+        kind=_choice(value["kind"], f"{where}.kind", ["tokens", "spatial"]),
+        gate_accuracy=float("nan") if accuracy is None else _real(accuracy, f"{where}.gate_accuracy", 0.0, 1.0),
+        steered=_boolean(value["steered"], f"{where}.steered"),
+    )
+
+
+def _fingerprint_entry(value: Any, where: str) -> dict:
+    value = _mapping(value, where)
+    _exact_keys(value, where, {"class", "num_parameters"}, _FINGERPRINT_KEYS)
+    entry = {"class": _string(value["class"], f"{where}.class"),
+             "num_parameters": _integer(value["num_parameters"], f"{where}.num_parameters", 0)}
+    if ("probe_parameters" in value) == ("probe_parameter" in value):
+        raise _Invalid(f"{where} must name its probed parameters in 'probe_parameters'")
+    if "probe_parameters" in value:  # files written before the middle and last probes name one 'probe_parameter'
+        names = value["probe_parameters"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise _Invalid(f"{where}.probe_parameters must be a list of parameter names, {_got(names)}")
+        entry["probe_parameters"] = list(names)
+    else:
+        name = value["probe_parameter"]
+        entry["probe_parameter"] = None if name is None else _string(name, f"{where}.probe_parameter")
+    return entry
+
+
+def probe_size(entry: dict, values_per_parameter: int) -> int:
+    """How many probe values the weights file holds for one fingerprint entry."""
+    if "probe_parameters" in entry:
+        return values_per_parameter * len(entry["probe_parameters"])
+    return values_per_parameter if entry.get("probe_parameter") else 0

@@ -55,12 +55,16 @@ def _probe_values(root: nn.Module, names: list[str]) -> torch.Tensor | None:
     return torch.cat(values) if values else torch.zeros(0)
 
 
-def fingerprint(root: nn.Module) -> tuple[dict, torch.Tensor | None]:
-    """(JSON-able description, probe values; None where offloaded weights cannot be read)."""
+def fingerprint(root: nn.Module) -> tuple[dict, torch.Tensor]:
+    """(JSON-able description, probe values). Where offloaded weights cannot be read, no parameter
+    is probed (an empty list and no values): the check falls back to class and size."""
     names = _probe_names(root)
     n_params = sum(p.numel() for p in root.parameters())
+    values = _probe_values(root, names)
+    if values is None:
+        names, values = [], torch.zeros(0)
     info = {"class": type(root).__name__, "num_parameters": n_params, "probe_parameters": names}
-    return info, _probe_values(root, names)
+    return info, values
 
 
 def check_fingerprint(saved: dict, probe: torch.Tensor, root: nn.Module, what: str, base_model: str | None) -> None:
@@ -81,6 +85,7 @@ def check_fingerprint(saved: dict, probe: torch.Tensor, root: nn.Module, what: s
                          f"({e.args[0]!r} is missing here): {fix}") from None
     if values is None:  # offloaded weights out of reach: the architecture check above is all we can do
         return
+    probe = probe.float()  # a probe read from a half-precision file compares like any other
     if values.shape != probe.shape or not torch.allclose(values, probe, rtol=2e-2, atol=1e-3):
         raise ValueError(
             f"this steering was fitted on a {what} with other weights{origin} (same architecture, different "

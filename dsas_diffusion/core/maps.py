@@ -35,15 +35,47 @@ class SteeringMap:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    # fields whose values may be an infinity of one sign (an unbounded range), by field name
+    infinities: ClassVar[dict[str, float]] = {}
+
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SteeringMap":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], width: int | None = None,
+                     layer: str | None = None) -> "SteeringMap":
+        """A map read back from a file, accepted only as a fit writes it: exactly this map's
+        tensors, floating, of shape (width,), finite (except `infinities`); returned in float32."""
+        where = f"layer {layer!r}: " if layer is not None else ""
+        fix = "the steering file is damaged or was written by another tool: fit and save the steering again"
         expected = {f.name for f in fields(cls)}
         if set(tensors) != expected:
-            raise ValueError(
-                f"a {cls.method} map needs tensors {sorted(expected)}, the file holds {sorted(tensors)}; "
-                "the steering file is damaged or was written by another tool: fit it again"
-            )
-        return cls(**tensors)
+            raise ValueError(f"{where}a {cls.method} map needs tensors {sorted(expected)}, the file holds "
+                             f"{sorted(tensors)}; {fix}")
+        checked = {}
+        for name in sorted(expected):
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{where}map tensor {name!r} must be floating point, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}; {fix}")
+            if t.dim() != 1 or (width is not None and t.shape[0] != width):
+                want = f"({width},)" if width is not None else "(width,)"
+                raise ValueError(f"{where}map tensor {name!r} must have shape {want}, got {tuple(t.shape)}; {fix}")
+            t = t.to(torch.float32)
+            allowed = cls.infinities.get(name)
+            bad = ~torch.isfinite(t)
+            if allowed is not None:
+                bad &= t != allowed
+            if bad.any():
+                kind = "NaN" if t.isnan().any() else "an infinite value"
+                raise ValueError(f"{where}map tensor {name!r} holds {kind}; {fix}")
+            checked[name] = t
+        widths = {t.shape[0] for t in checked.values()}
+        if len(widths) > 1:
+            raise ValueError(f"{where}the tensors of a {cls.method} map differ in width ({sorted(widths)}); {fix}")
+        cls._check_values(checked, where, fix)
+        return cls(**checked)
+
+    @classmethod
+    def _check_values(cls, tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+        """Relations between the tensors that every fit satisfies."""
 
     def to(self, device=None, dtype=None) -> "SteeringMap":
         return type(self)(**{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()})
@@ -86,6 +118,7 @@ class LinearAcT(SteeringMap):
     """
 
     method: ClassVar[str] = "linear_act"
+    infinities: ClassVar[dict[str, float]] = {"lo": -torch.inf, "hi": torch.inf}  # clamp_to_source_range=False
     beta: torch.Tensor
     alpha: torch.Tensor
     lo: torch.Tensor
@@ -112,6 +145,11 @@ class LinearAcT(SteeringMap):
 
     def __post_init__(self):
         self._slope = self.beta - 1  # once here, not once per layer call
+
+    @classmethod
+    def _check_values(cls, tensors, where, fix):
+        if (tensors["lo"] > tensors["hi"]).any():
+            raise ValueError(f"{where}map tensor 'lo' exceeds 'hi' (the source range is empty); {fix}")
 
     def delta(self, x):
         xc = torch.clamp(x, self.lo, self.hi)

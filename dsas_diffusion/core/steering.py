@@ -3,28 +3,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from .artifact import CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, load_artifact, save_artifact  # noqa: F401 (re-exported)
+from .attachments import attach_exclusively
 from .config import SteeringConfig
 from .fingerprint import check_fingerprint
 from .gate import Gate
-from .io import atomic_path, write_text_atomic
 from .maps import SteeringMap, map_class
-from .modules import check_not_compiled
+from .modules import check_not_compiled, get_module
+from .options import RunOptions, check_bool, check_layers, check_option_names
 from .runtime import SteeringHandle
 from .sequence import causal_lm_pre_forward, takes_attention_mask
 
-CONFIG_NAME = "steering_config.json"
-WEIGHTS_NAME = "steering.safetensors"
-_FINGERPRINT_KEY = "__fingerprint__"
+_FINGERPRINT_KEY = FINGERPRINT_KEY
+_ATTACH_OPTIONS = ("strength", "prefix", "gated", "layers", "check_model", "owner", "gating", "lambda_floor",
+                   "skip_first_token", "record_scales", "pre_forward")
+_AUTO = object()  # pre_forward not given: chosen from the model
 
 
 class Steering:
@@ -112,6 +111,7 @@ class Steering:
         gated: bool = True,
         layers: list[str] | None = None,
         check_model: bool = True,
+        owner: object | None = None,
         **options,
     ) -> SteeringHandle:
         """Hook `layers` of `model` (its names prefixed with `prefix`; default: the steered layers, or
@@ -120,18 +120,38 @@ class Steering:
         pre_forward) override the config's run-time defaults for this attachment. A model attached
         under its own names (no prefix) whose forward takes an `attention_mask` (a transformers
         language model) gets `causal_lm_pre_forward` unless another pre_forward is given: padding
-        is read from the mask and the gate state carried across the KV-cached calls of a generation."""
+        is read from the mask and the gate state carried across the KV-cached calls of a generation.
+
+        A module already steered by a live attachment is refused (it would be steered twice), except
+        between attachments of one `owner`: an integration (a pipeline) that keeps its attachments
+        at strength 0 outside its own calls and switches on one at a time."""
+        check_option_names(options, _ATTACH_OPTIONS, "attach() option")
+        pre_forward = options.pop("pre_forward", _AUTO)
+        run = RunOptions.from_config(self.config, strength=strength, gated=gated, **options)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (the model to steer), got {type(model).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string such as 'unet.' (or '' for a model's own names), got {prefix!r}")
+        check_bool(check_model, "check_model")
+        layers = check_layers(layers)
+        if pre_forward is not _AUTO and pre_forward is not None and not callable(pre_forward):
+            raise TypeError(f"pre_forward must be a callable (hookset, args, kwargs) or None, got {pre_forward!r}")
         what = prefix.rstrip(".") or "model"
         if check_model:
             self.check_model(model, prefix, what)
-        chosen = layers if layers is not None else (self.layers if not gated else self.steered_layers)
+        chosen = layers if layers is not None else (self.layers if not run.gated else self.steered_layers)
         unknown = sorted(set(chosen) - set(self.layers))
         if unknown:
             raise ValueError(f"layers {unknown} are not in this steering; it has {self.layers}")
         names = {full: full[len(prefix):] for full in chosen if full.startswith(prefix)}
-        if not prefix and "pre_forward" not in options and takes_attention_mask(model):
-            options["pre_forward"] = causal_lm_pre_forward(model)
-        return SteeringHandle(self, model, names, strength=strength, gated=gated, what=what, **options)
+        if not names:
+            raise ValueError(f"none of the chosen layers starts with prefix={prefix!r}, so nothing would be steered; "
+                             f"this steering's layers: {self.layers[:4]} ...")
+        if pre_forward is _AUTO:
+            pre_forward = causal_lm_pre_forward(model) if not prefix and takes_attention_mask(model) else None
+        modules = {full: get_module(model, local, what) for full, local in names.items()}
+        return attach_exclusively(modules, self, what, owner, lambda: SteeringHandle(
+            self, model, names, **run.as_kwargs(), pre_forward=pre_forward, what=what))
 
     # ---- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -142,76 +162,26 @@ class Steering:
             for k, v in self.gates[name].tensors().items():
                 tensors[f"{name}.gate.{k}"] = v
         for root, probe in self.probes.items():
-            tensors[f"{_FINGERPRINT_KEY}.{root}"] = probe
+            if root in self.config.fingerprint:  # a subset keeps every probe, but only its roots' fingerprints
+                tensors[f"{_FINGERPRINT_KEY}.{root}"] = probe
         # copies: layers may share tensors (one map reused), which safetensors refuses to write
         return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in tensors.items()}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the two files atomically; the config is written last, so a folder with a config
-        always has the weights that belong to it."""
-        d = Path(save_directory)
-        d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / WEIGHTS_NAME) as tmp:
-            save_file(self.state_dict(), tmp, metadata={"format": "pt"})  # one key: identical fits, identical bytes
-        write_text_atomic(d / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the folder as one unit: killed at any moment, it loads as the old steering or the
+        new one, or is refused with a clear message (core/artifact.py)."""
+        save_artifact(save_directory, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> "Steering":
-        """Load from a folder (or a hub repo id through huggingface_hub). Reads JSON and
-        safetensors only: loading never executes code."""
-        config_path, weights_path = _resolve_files(path, hub_kwargs)
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e}); the steering folder is damaged: save it again") from None
-        config = SteeringConfig.from_dict(raw)
-        try:
-            tensors = _owned(load_file(weights_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
-                f"{weights_path} is corrupt or truncated ({e}); save the steering again"
-            ) from None
-        probes = {k[len(_FINGERPRINT_KEY) + 1:]: v for k, v in tensors.items() if k.startswith(_FINGERPRINT_KEY + ".")}
-        mcls = map_class(config.method)
-        maps, gates = {}, {}
-        for name, info in config.layers.items():
-            mt = {k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"{name}.map.")}
-            gt = {k[len(name) + 6:]: v for k, v in tensors.items() if k.startswith(f"{name}.gate.")}
-            if not mt or set(gt) != {"weight", "bias"}:
-                raise ValueError(f"{weights_path} has no tensors for layer {name!r}; the folder is damaged: save it again")
-            maps[name] = mcls.from_tensors(mt)
-            gates[name] = Gate(weight=gt["weight"], bias=gt["bias"], accuracy=info.gate_accuracy)
-            if maps[name].width != info.width or gates[name].weight.shape != (info.width,):
-                raise ValueError(f"layer {name!r}: tensor sizes do not match the config's width {info.width}; "
-                                 "the folder is damaged: save it again")
+        """Load from a folder, or a hub repo id ('user/name', through huggingface_hub; the local
+        folder is looked for first, and HF_HUB_OFFLINE is respected). Reads JSON and safetensors
+        only: loading never executes code. Every field and tensor is checked against what a fit
+        writes, and a config is only accepted with the weights it was saved with."""
+        config, maps, gates, probes = load_artifact(path, hub_kwargs)
         return cls(config, maps, gates, probes)
-
-
-def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor in memory of its own. safetensors may hand back views into one file buffer at
-    offsets that are not 64-byte aligned, and CPU kernels round differently on unaligned data, so a
-    loaded steering would not be bit-identical to the one that was saved."""
-    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
 
 def _natural_key(name: str) -> list:
     """"layers.2" before "layers.10": digit runs compare as numbers."""
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
-
-
-def _resolve_files(path, hub_kwargs) -> tuple[str, str]:
-    p = Path(path)
-    if p.is_dir():
-        files = (p / CONFIG_NAME, p / WEIGHTS_NAME)
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(f"{p} is not a steering folder: {', '.join(missing)} missing "
-                             "(a steering folder holds steering_config.json and steering.safetensors)")
-        return str(files[0]), str(files[1])
-    text = str(path)
-    if p.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise ValueError(f"{path} is not a steering folder (no such directory), nor a hub repo id like 'user/name'")
-    from huggingface_hub import hf_hub_download  # a repo id such as "user/steering-no-banana"
-
-    return (hf_hub_download(str(path), CONFIG_NAME, **hub_kwargs), hf_hub_download(str(path), WEIGHTS_NAME, **hub_kwargs))

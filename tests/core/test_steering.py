@@ -98,7 +98,7 @@ def test_save_load_round_trip(tmp_path):
         b = model(source)
     assert torch.equal(a, b)
     config = json.loads((tmp_path / "s" / "steering_config.json").read_text())
-    assert config["format_version"] == 1 and config["method"] == "linear_act"
+    assert config["format_version"] == 2 and config["method"] == "linear_act"
 
 
 def test_refuses_a_model_with_other_sizes_or_weights():
@@ -165,7 +165,7 @@ def test_missing_folder_is_explained(tmp_path):
 
 def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     steering, _, _ = fitted(Tiny())
-    import dsas_diffusion.core.steering as mod
+    import dsas_diffusion.core.artifact as mod  # where save_pretrained writes the weights
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -1,0 +1,238 @@
+"""Run-time options of an attached steering, checked once where they enter (an `attach()` call, a
+pipeline call, an assignment to a handle), so a bad value never reaches a hook as NaN or garbage.
+
+Each check names the argument as the caller spelled it (`strength`, `steering_strength`), the
+value, and what to pass instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from .config import GATINGS, Gating
+
+if TYPE_CHECKING:
+    from .config import SteeringConfig
+
+MAX_STRENGTH = 1000.0
+_STRENGTH_WHY = (
+    "alpha multiplies the fitted shift (1 applies it once; sweeps use values up to a few), and at 1000 shifts "
+    "the activations are far outside anything the model has seen and overflow half precision (max 65504) "
+    "into inf, which gives NaN outputs and black images"
+)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Booleans only: 0 / 1 and "false" are refused, since "false" is truthy and would mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}")
+    return value
+
+
+def _real(value: Any, name: str, example: str) -> float:
+    """A Python / numpy real, or a one-element tensor or array, as a float; booleans are refused."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be a number such as {example}, got the boolean {value!r}")
+    if not isinstance(value, numbers.Real) and hasattr(value, "shape") and hasattr(value, "item"):  # tensor, array
+        size = math.prod(value.shape)
+        if size != 1:
+            raise TypeError(f"{name} must be one number such as {example}, got a {type(value).__name__} of shape "
+                            f"{tuple(value.shape)}; pass a single number")
+        if "bool" in str(value.dtype) or "complex" in str(value.dtype):
+            raise TypeError(f"{name} must be a real number such as {example}, got a {type(value).__name__} of "
+                            f"dtype {value.dtype}")
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number such as {example}, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number such as {example}, got {value!r}")
+    return value
+
+
+def check_strength(value: Any, name: str = "strength") -> float:
+    """A finite real with |value| <= MAX_STRENGTH (negative values steer towards the source concept)."""
+    value = _real(value, name, "1.0")
+    if abs(value) > MAX_STRENGTH:
+        raise ValueError(f"{name}={value!r} is out of range: |{name}| must be at most {MAX_STRENGTH:g}, because "
+                         f"{_STRENGTH_WHY}. Pass a strength between 0 and a few (0 turns the steering off)")
+    return value
+
+
+def check_gating(value: Any, name: str = "gating") -> Gating:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {list(GATINGS)} (a string), got {_describe(value)}")
+    if value not in GATINGS:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {list(GATINGS)}")
+    return value  # type: ignore[return-value]
+
+
+def check_lambda_floor(value: Any, name: str = "lambda_floor") -> float:
+    value = _real(value, name, "0.1")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}: lambdas below it snap to 0, so 0 keeps every "
+                         "lambda and 1 or more would switch the steering off everywhere")
+    return value
+
+
+def check_layers(value: Any, name: str = "layers") -> list[str] | None:
+    """None (the default layers) or a non-empty list / tuple of layer names."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of layer names such as ['blocks.0'] (or None for the default), "
+                        f"got {_describe(value)}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold layer names (strings), got {_describe(bad[0])} in {value!r}")
+    if not value:
+        raise ValueError(f"{name}=[] selects no layer, so nothing would be steered; pass None for the default layers "
+                         "or name some, e.g. steering.layers[:1]")
+    return list(value)
+
+
+_CHECKS = {
+    "strength": check_strength,
+    "gated": check_bool,
+    "gating": check_gating,
+    "lambda_floor": check_lambda_floor,
+    "skip_first_token": check_bool,
+    "record_scales": check_bool,
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an attached steering runs: strength alpha, gated (False: plain steering, lambda = 1),
+    the gating mode, the lambda floor, whether the first token is skipped, whether lambdas are
+    recorded. Every field is checked when the object is made, so holding one means the values
+    are valid; `replace()` gives a checked copy. The steering's config is never modified."""
+
+    strength: float = 1.0
+    gated: bool = True
+    gating: Gating = "token"
+    lambda_floor: float = 0.0
+    skip_first_token: bool = True
+    record_scales: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _CHECKS[f.name](getattr(self, f.name), f.name))
+
+    @classmethod
+    def from_config(cls, config: "SteeringConfig", **overrides: Any) -> "RunOptions":
+        """The config's run-time defaults (gating, lambda_floor, skip_first_token) with `overrides`;
+        an override of None keeps the default. Unknown names are a TypeError listing the known ones."""
+        check_option_names(overrides, cls.names(), "run option")
+        defaults = {"gating": config.gating, "lambda_floor": config.lambda_floor,
+                    "skip_first_token": config.skip_first_token}
+        given = {k: v for k, v in overrides.items() if v is not None or k not in defaults}
+        return cls(**{**defaults, **given})
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(_CHECKS)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "RunOptions":
+        check_option_names(changes, self.names(), "run option")
+        return dataclasses.replace(self, **changes)
+
+
+def check_option_names(given: dict, known, what: str = "option") -> None:
+    """A TypeError naming each unknown keyword, the closest known one, and the full list."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    import difflib
+
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(known), n=1) or [k for k in known if name in k or k in name][:1]
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                    f"the known ones are {sorted(known)}")
+
+
+class RunOptionAttributes:
+    """The run options of a handle as attributes that can be changed between calls
+    (`handle.strength = 0.5`), each checked when assigned. Values live in plain private
+    attributes, so a hook reads them at the cost of a property."""
+
+    _strength: float
+    _gated: bool
+    _gating: Gating
+    _lambda_floor: float
+    _skip_first_token: bool
+    _record_scales: bool
+
+    @property
+    def options(self) -> RunOptions:
+        return RunOptions(self._strength, self._gated, self._gating, self._lambda_floor, self._skip_first_token,
+                          self._record_scales)
+
+    @options.setter
+    def options(self, value: RunOptions) -> None:
+        if not isinstance(value, RunOptions):
+            raise TypeError(f"options must be a RunOptions, got {_describe(value)}")
+        self._strength, self._gated, self._gating = value.strength, value.gated, value.gating
+        self._lambda_floor, self._skip_first_token, self._record_scales = (
+            value.lambda_floor, value.skip_first_token, value.record_scales)
+
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value) -> None:
+        self._strength = check_strength(value, "strength")
+
+    @property
+    def gated(self) -> bool:
+        return self._gated
+
+    @gated.setter
+    def gated(self, value) -> None:
+        self._gated = check_bool(value, "gated")
+
+    @property
+    def gating(self) -> Gating:
+        return self._gating
+
+    @gating.setter
+    def gating(self, value) -> None:
+        self._gating = check_gating(value, "gating")
+
+    @property
+    def lambda_floor(self) -> float:
+        return self._lambda_floor
+
+    @lambda_floor.setter
+    def lambda_floor(self, value) -> None:
+        self._lambda_floor = check_lambda_floor(value, "lambda_floor")
+
+    @property
+    def skip_first_token(self) -> bool:
+        return self._skip_first_token
+
+    @skip_first_token.setter
+    def skip_first_token(self, value) -> None:
+        self._skip_first_token = check_bool(value, "skip_first_token")
+
+    @property
+    def record_scales(self) -> bool:
+        return self._record_scales
+
+    @record_scales.setter
+    def record_scales(self, value) -> None:
+        self._record_scales = check_bool(value, "record_scales")
