@@ -3,16 +3,20 @@
 A subclass of diffusers' `StableDiffusionPipeline`: loading, schedulers, dtypes, LoRA, callbacks
 and the denoising loop are the stock ones. `set_steering` adds forward hooks on the text encoder
 layers (per prompt token) and the UNet attention layers (per spatial position); they act only
-inside a call of this pipeline, so with no steering set, or `steering_strength=0`, the images are
-bit-identical to the stock pipeline's. The hooks exist before the user compiles the UNet or text
-encoder, which is what lets torch.compile trace them.
+inside a call of this pipeline, and only for the thread making it, so with no steering set, or
+`steering_strength=0`, the images are bit-identical to the stock pipeline's, and so are those of
+another pipeline sharing the modules (`from_pipe`), even while a steered call runs in another
+thread. The hooks exist before the user compiles the UNet or text encoder, which is what lets
+torch.compile trace them.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
+import threading
+import weakref
+from contextlib import ExitStack, contextmanager, nullcontext
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -22,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from dsas_diffusion.core import Steering, SteeringHandle
+from dsas_diffusion.core.options import check_bool, check_strength
 from dsas_diffusion.diffusion.fitting import fit_pipeline_steering
 from dsas_diffusion.diffusion.targets import COMPONENTS, clip_token_mask, eos_token_id
 
@@ -50,7 +55,11 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
 
     steering: Steering | None = None
     _steering_handles: Mapping[str, SteeringHandle] = MappingProxyType({})  # per instance once set
-    _steering_call: _SteeringCall | None = None
+
+    @property
+    def _steering_call(self) -> _SteeringCall | None:
+        """This thread's call of this pipeline, while one runs: another thread's call is not ours."""
+        return getattr(_CALLS, "by_pipeline", {}).get(id(self))
 
     # 1. Fitting and setting a steering --------------------------------------------------------
     def fit_steering(self, source, target, control, method: str = "linear_act", **kwargs) -> Steering:
@@ -62,25 +71,40 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
         """Use `steering` (or a saved steering folder) for later calls; None removes it and its hooks.
 
         Call it before `torch.compile`: compiled modules do not run hooks added afterwards."""
+        if steering is not None and not isinstance(steering, (Steering, str, os.PathLike)):
+            raise TypeError(f"steering must be a Steering, the path of a saved steering folder, or None (to remove "
+                            f"it), got {type(steering).__name__}: fit one with pipe.fit_steering or load one with "
+                            "Steering.from_pretrained(path)")
+        check_bool(check_model, "check_model")
         if steering is not None and not isinstance(steering, Steering):
             steering = Steering.from_pretrained(steering)
         if steering is not None:
             self._check_steering(steering, check_model)
+        # the new hooks first: if they are refused, the steering set before stays in place
+        handles = self._attach_steering(steering) if steering is not None else {}
         for handle in self._steering_handles.values():
             handle.detach()
-        self._steering_handles = self._attach_steering(steering) if steering is not None else {}
+        self._steering_handles = handles
         self.steering = steering
 
     def _attach_steering(self, steering: Steering) -> dict[str, SteeringHandle]:
         """Inactive hooks (strength 0) on every fitted layer; a call switches them on and off."""
         eos = eos_token_id(self.tokenizer, self.text_encoder)
         options = {"text_encoder": {"pre_forward": clip_token_mask(eos)}, "unet": {"skip_first_token": False}}
-        return {
-            component: steering.attach(getattr(self, component), 0.0, prefix=f"{component}.", layers=steering.layers,
-                                       check_model=False, **options[component])
-            for component in COMPONENTS
-            if any(n.startswith(f"{component}.") for n in steering.layers)
-        }
+        handles = {}
+        try:
+            for component in COMPONENTS:
+                if any(n.startswith(f"{component}.") for n in steering.layers):
+                    # owner=self: this pipeline switches on one of its own attachments per call, so the ones set
+                    # with set_steering and a per-call steering's may share modules; anyone else's may not
+                    handles[component] = steering.attach(
+                        getattr(self, component), 0.0, prefix=f"{component}.", layers=steering.layers,
+                        check_model=False, owner=self, **options[component])
+        except BaseException:
+            for handle in handles.values():
+                handle.detach()
+            raise
+        return handles
 
     def _check_steering(self, steering: Steering, check_model: bool) -> None:
         foreign = [n for n in steering.layers if n.split(".", 1)[0] not in COMPONENTS]
@@ -102,15 +126,16 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
         # one first, at one image per prompt) lets the hooks tell them apart, with the same numbers.
         call = self._steering_call
         te = call.text_encoder if call is not None else None
-        if prompt_embeds is None:
-            with _enabled(te, True):
-                prompt_embeds, _ = super().encode_prompt(prompt, device, 1, False, lora_scale=lora_scale,
-                                                         clip_skip=clip_skip)
-        with _enabled(te, call is not None and call.steer_negative):
-            prompt_embeds, negative_prompt_embeds = super().encode_prompt(
-                prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                lora_scale=lora_scale, clip_skip=clip_skip)
+        with _tokenizer_turn(self.tokenizer):
+            if prompt_embeds is None:
+                with _enabled(te, True):
+                    prompt_embeds, _ = super().encode_prompt(prompt, device, 1, False, lora_scale=lora_scale,
+                                                             clip_skip=clip_skip)
+            with _enabled(te, call is not None and call.steer_negative):
+                prompt_embeds, negative_prompt_embeds = super().encode_prompt(
+                    prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                    lora_scale=lora_scale, clip_skip=clip_skip)
         if call is not None and call.unet is not None and do_classifier_free_guidance and not call.steer_negative:
             n = prompt_embeds.shape[0]  # the UNet batch is [negative; positive]
             call.unet.rows = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(device)
@@ -130,30 +155,33 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
 
         With `return_dict=False` the stock tuple (images, nsfw flags) is returned, without scales.
         """
+        steering_strength = _check_call_options(steering, steering_strength, steer_negative, gated,
+                                                return_steering_scales)
         steering = steering if steering is not None else self.steering
         if steering is None or steering_strength == 0:
             return self._output(super().__call__(*args, **kwargs), None)
         if steering is not self.steering:
             self._check_steering(steering, check_model=True)
 
-        # 3.1 switch the hooks on for this call (a per-call steering gets hooks of its own)
+        # 3.1 switch the hooks on for this call, in this thread only (a per-call steering gets hooks of its own)
         handles = self._steering_handles if steering is self.steering else self._attach_steering(steering)
-        for handle in handles.values():
-            handle.reset()
-            handle.strength, handle.gated, handle.record_scales = steering_strength, gated, return_steering_scales
-        self._steering_call = _SteeringCall(handles.get("text_encoder"), handles.get("unet"), steer_negative)
         try:
-            # 3.2 the stock pipeline, unchanged
-            output = super().__call__(*args, **kwargs)
-            # 3.3 the lambdas that were applied
-            scales = self._collect_scales(handles, kwargs) if return_steering_scales else None
+            with ExitStack() as on:
+                for handle in handles.values():
+                    handle.reset()
+                    on.enter_context(handle.local_options(strength=steering_strength, gated=gated,
+                                                          record_scales=return_steering_scales))
+                on.enter_context(_calling(self, _SteeringCall(handles.get("text_encoder"), handles.get("unet"),
+                                                              steer_negative)))
+                # 3.2 the stock pipeline, unchanged
+                output = super().__call__(*args, **kwargs)
+                # 3.3 the lambdas that were applied
+                scales = self._collect_scales(handles, kwargs) if return_steering_scales else None
         finally:
             for handle in handles.values():
-                handle.strength = 0.0
                 handle.reset()
                 if handle not in self._steering_handles.values():
                     handle.detach()
-            self._steering_call = None
         return self._output(output, scales)
 
     def _collect_scales(self, handles, kwargs) -> dict[str, torch.Tensor]:
@@ -181,16 +209,62 @@ class DSASStableDiffusionPipeline(StableDiffusionPipeline):
                                                  steering_scales=scales)
 
 
+def _check_call_options(steering, steering_strength, steer_negative, gated, return_steering_scales) -> float:
+    """The DSAS arguments of a call, checked before anything is encoded; returns the strength as a float."""
+    if isinstance(steering, (str, os.PathLike)):
+        raise TypeError(f"steering= takes a Steering (or None), got the path {str(steering)!r}: load it once with "
+                        f"Steering.from_pretrained({str(steering)!r}) and pass that, or call pipe.set_steering(path) "
+                        "to steer every later call")
+    if steering is not None and not isinstance(steering, Steering):
+        raise TypeError(f"steering= takes a Steering (or None for the one set with set_steering), got "
+                        f"{type(steering).__name__}")
+    for name, value in (("steer_negative", steer_negative), ("gated", gated),
+                        ("return_steering_scales", return_steering_scales)):
+        check_bool(value, name)
+    return check_strength(steering_strength, "steering_strength")
+
+
+_CALLS = threading.local()  # `by_pipeline`: {id(pipeline): its call under way in this thread}
+_TOKENIZER_TURNS: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
+_TURNS_LOCK = threading.Lock()
+
+
+def _tokenizer_turn(tokenizer):
+    """A lock per tokenizer. A fast tokenizer sets its padding and truncation in place whenever a call
+    asks for other ones (the stock encode_prompt asks for two), so two threads encoding at once can
+    get each other's padding: measured, 64 wrong encodings in 24,000 from 4 threads. Pipelines of
+    this class that share a tokenizer (`from_pipe`) take turns with it."""
+    if tokenizer is None:  # prompt embeddings given, nothing to tokenize
+        return nullcontext()
+    with _TURNS_LOCK:
+        lock = _TOKENIZER_TURNS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_TURNS[tokenizer] = threading.RLock()
+        return lock
+
+
 @contextmanager
-def _enabled(handle: SteeringHandle | None, on: bool):
-    if handle is None or on:
-        yield
-        return
-    strength, handle.strength = handle.strength, 0.0
+def _calling(pipe: DSASStableDiffusionPipeline, call: _SteeringCall):
+    calls = _CALLS.__dict__.setdefault("by_pipeline", {})
+    outer = calls.get(id(pipe))
+    calls[id(pipe)] = call
     try:
         yield
     finally:
-        handle.strength = strength
+        if outer is None:
+            del calls[id(pipe)]
+        else:
+            calls[id(pipe)] = outer
+
+
+@contextmanager
+def _enabled(handle: SteeringHandle | None, on: bool):
+    """The handle's hooks off inside the block when not `on`, for this thread's calls only."""
+    if handle is None or on:
+        yield
+        return
+    with handle.local_options(strength=0.0):
+        yield
 
 
 def _as_image_grid(lam: torch.Tensor, h: int, w: int) -> torch.Tensor:

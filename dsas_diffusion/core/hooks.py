@@ -1,19 +1,22 @@
 """Forward hooks on named modules: capture pooled activations for fitting, or steer them.
 
 Both are plain torch hooks kept as handles and removed in `remove()`, so detaching leaves the
-model exactly as it was; all per-call state lives on the hook set object, never on a class or a
-module, so two models (or two attachments) in one process stay independent.
+model exactly as it was. Per-call state (masks, batch rows, ...) lives in a `CallState` of the
+hook set per thread, never on a class or a module: two models (or two attachments) in one process
+stay independent, and so do two threads running one model, since a hook runs in the thread of the
+forward that called it and reads that thread's state.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .modules import check_not_compiled, get_module
+from .modules import check_not_compiled, get_module, layer_activation
 
 PreForward = Callable[["HookSet", tuple, dict], None]
 
@@ -38,22 +41,62 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return (x * v).sum(1) / v.sum(1).clamp_min(1)
 
 
+class CallState:
+    """The state of the calls one thread makes through a hook set (see `HookSet.call`)."""
+
+    def __init__(self):
+        self.valid: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+
+class _PerThread(threading.local):
+    """`call`: a fresh state, made by `new` the first time a thread reads it."""
+
+    def __init__(self, new: Callable[[], CallState]):
+        self.call = new()
+
+
 class HookSet:
     """Hooks on a set of named modules of one root model, plus the per-call state they read.
 
     `valid` (B, K) marks real tokens of the current forward (None: all real) and `rows` (B,)
     marks the batch rows to touch (None: all); an integration sets them, directly or through a
     `pre_forward(hookset, args, kwargs)` callback that runs before every forward of the root.
+    Both belong to the calling thread (`call`), like all per-call state: threads sharing a model
+    never see each other's.
     """
 
     def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model"):
         check_not_compiled(root, what)
         self.root = root
         self.modules = {n: get_module(root, n, what) for n in names}
-        self.valid: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None
+        self._local = _PerThread(self._new_call_state)
         self._pre_forward = pre_forward
         self._handles: list = []
+
+    def _new_call_state(self) -> CallState:
+        return CallState()
+
+    @property
+    def call(self) -> CallState:
+        """This thread's call state: a hook reads it in the thread of the forward that runs it."""
+        return self._local.call
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self._local.call.valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor | None) -> None:
+        self._local.call.valid = value
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._local.call.rows
+
+    @rows.setter
+    def rows(self, value: torch.Tensor | None) -> None:
+        self._local.call.rows = value
 
     def _attach(self):
         self._handles.append(self.root.register_forward_pre_hook(
@@ -63,10 +106,13 @@ class HookSet:
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
-            if isinstance(output, tuple):
-                new = self._on_output(name, output[0])
-                return None if new is None else (new, *output[1:])
-            return self._on_output(name, output)
+            x = layer_activation(name, module, output)  # refuses a ModelOutput, a dict, ... by name
+            if isinstance(output, (tuple, list)):
+                new = self._on_output(name, x)
+                if new is None:
+                    return None
+                return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
+            return self._on_output(name, x)
         return hook
 
     def _begin_call(self, args: tuple, kwargs: dict) -> None:

@@ -13,22 +13,22 @@ No host-device synchronisation and no Python loop over positions happen on this 
 
 from __future__ import annotations
 
-from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .call_state import Sequence, SteeringCall, State, joined
 from .config import Gating, LayerKind
 from .gate import Gate
 from .hooks import HookSet, PreForward, as_tokens
 from .maps import SteeringMap
+from .options import RunOptionAttributes, RunOptions, check_bool, check_strength
 
 if TYPE_CHECKING:
     from .steering import Steering
-
-State = tuple[torch.Tensor, torch.Tensor]  # running (mean of logits, count of real tokens), each (B, 1, 1)
 
 
 @dataclass
@@ -191,13 +191,18 @@ class _LayerRuntime:
         return self._cast[key]
 
 
-class SteeringHandle(HookSet):
+class SteeringHandle(RunOptionAttributes, HookSet):
     """A Steering attached to one model. Use as a context manager or call `detach()`.
 
     `strength` (alpha) and `gated` can be changed between calls (strength 0: every hook returns at
     once; gated: layers whose gate failed the accuracy threshold are skipped, otherwise every
-    hooked layer gets lambda = 1). `scales` holds the lambdas recorded so far; `reset()` clears
-    them and any KV-cache running state for a new generation.
+    hooked layer gets lambda = 1); `local_options` changes them for one thread's calls only.
+    `scales` holds the lambdas recorded so far; `reset()` clears them and any KV-cache running
+    state for a new generation.
+
+    One handle may serve several threads at once: masks, batch rows, running gate state and
+    recorded lambdas are kept per thread (`SteeringCall`), so `scales`, `history` and `reset()`
+    are about the calling thread's own calls.
     """
 
     def __init__(
@@ -215,19 +220,13 @@ class SteeringHandle(HookSet):
         pre_forward: PreForward | None = None,
         what: str = "model",
     ):
-        super().__init__(root, list(names.values()), pre_forward, what)
         cfg = steering.config
-        self.strength = float(strength)
-        self.gated = gated
-        self.gating = cfg.gating if gating is None else gating
-        self.lambda_floor = cfg.lambda_floor if lambda_floor is None else lambda_floor
-        self.skip_first_token = cfg.skip_first_token if skip_first_token is None else skip_first_token
-        self.record_scales = record_scales
+        # checked once here; later assignments (handle.strength = x) are checked by RunOptionAttributes
+        self.options = RunOptions.from_config(cfg, strength=strength, gated=gated, gating=gating,
+                                              lambda_floor=lambda_floor, skip_first_token=skip_first_token,
+                                              record_scales=record_scales)
+        super().__init__(root, list(names.values()), pre_forward, what)
         self.track_running = False  # set by integrations whose calls continue a sequence (KV cache)
-        self.continuing = False  # set per call by such integrations: this call extends a sequence
-        self.running: dict[str, State] = {}
-        self._calls: dict = {}  # Positions of the current forward call, see `_positions`
-        self.history: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.layer_names = {local: full for full, local in names.items()}
         self._layers = {
             local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind, cfg.layers[full].steered)
@@ -239,47 +238,113 @@ class SteeringHandle(HookSet):
         self.remove()
 
     def reset(self):
-        self.history.clear()
-        self.running.clear()
-        self._calls.clear()
-        self.valid = None
-        self.rows = None
+        """Forget this thread's recorded lambdas, running state, masks and batch rows (other threads keep theirs)."""
+        call = self._local.call
+        call.clear()
+        call.valid = None
+        call.rows = None
+
+    def _new_call_state(self) -> SteeringCall:
+        return SteeringCall()
+
+    # this thread's state, under the names integrations and tests have always used
+    @property
+    def running(self) -> dict[str, State]:
+        return self._local.call.running
+
+    @property
+    def history(self) -> dict[str, list]:
+        return self._local.call.history
+
+    @property
+    def continuing(self) -> bool:
+        return self._local.call.continuing
+
+    @continuing.setter
+    def continuing(self, value: bool) -> None:
+        self._local.call.continuing = value
 
     @property
     def scales(self) -> dict[str, torch.Tensor]:
-        """Recorded lambdas per layer: (B, tokens) for token layers (calls joined along tokens, as a
-        cached generation produces them), (calls, B, positions) for spatial layers."""
-        out = {}
-        for local, chunks in self.history.items():
-            full = self.layer_names[local]
-            if self._layers[local].kind == "spatial":
-                out[full] = torch.stack(chunks).squeeze(-1)
-            else:
-                out[full] = torch.cat(chunks, dim=1).squeeze(-1)
-        return out
+        """The lambdas recorded by this thread's calls (after a call: that call's), per layer: (B, tokens)
+        for token layers (calls joined along tokens, as a cached generation produces them; rows
+        follow the KV cache when beam search reorders it), (calls, B, positions) for spatial layers."""
+        return {self.layer_names[local]: joined(chunks, self._layers[local].kind == "spatial")
+                for local, chunks in self._local.call.history.items()}
+
+    @contextmanager
+    def local_options(self, *, strength: float | None = None, gated: bool | None = None,
+                      record_scales: bool | None = None) -> Iterator["SteeringHandle"]:
+        """Run this thread's calls inside the block with these options (None: as they are), leaving the
+        handle, and every other thread's calls through it, as they were. A pipeline keeps its hooks
+        at strength 0 and switches them on this way for its own call only."""
+        call = self._local.call
+        saved = call.overrides
+        base = saved if saved is not None else (self.strength, self.gated, self.record_scales)
+        call.overrides = (base[0] if strength is None else check_strength(strength, "strength"),
+                          base[1] if gated is None else check_bool(gated, "gated"),
+                          base[2] if record_scales is None else check_bool(record_scales, "record_scales"))
+        try:
+            yield self
+        finally:
+            call.overrides = saved
+
+    def sequence_call(self, past: int, new: int | None) -> SteeringCall:
+        """Called by a causal-LM `pre_forward` before each forward of `new` tokens after `past` cached
+        ones: the call continues this thread's sequence (KV cache) or, without a past, starts a new
+        one, which clears the state of the last one. A past that is not the length this thread's
+        sequence has reached belongs to another cache (a reused prompt cache, two sequences
+        interleaved in one thread): its running state is not this one, so the call is refused."""
+        self.track_running = True
+        call = self._local.call
+        continuing = past > 0
+        call.continuing = continuing
+        if not continuing:
+            call.clear()
+        elif call.sequence is not None and call.sequence.refused is not None:
+            raise ValueError(call.sequence.refused)
+        if torch.compiler.is_compiling():  # an int that changes every step would be a guard: not checked there
+            call.length = None
+            return call
+        if continuing and call.length is not None and past != call.length:
+            raise ValueError(
+                f"this forward continues a cached sequence of {past} tokens, but the steering's running gate "
+                f"state in this thread is that of a sequence of {call.length} tokens: it belongs to another KV cache "
+                "(a reused prompt cache, or two cached sequences interleaved in one thread). One thread steers one "
+                "cached sequence at a time: run each sequence from its prompt, or each in a thread of its own")
+        call.length = None if new is None else past + new
+        return call
+
+    def new_sequence(self, call: SteeringCall, cache) -> Sequence:
+        """`call`'s sequence from now on, following `cache` (see `core.sequence.follow_cache`)."""
+        call.sequence = Sequence(call, self.gating, cache)
+        return call.sequence
 
     def _begin_call(self, args, kwargs):
-        self._calls.clear()
+        self._local.call.positions.clear()
         super()._begin_call(args, kwargs)
 
-    def _positions(self, kind: LayerKind, tokens: torch.Tensor, prior: State | None) -> Positions:
+    def _positions(self, call: SteeringCall, kind: LayerKind, tokens: torch.Tensor, prior: State | None) -> Positions:
         """This call's `Positions`, computed by the first layer that needs them and shared by the rest."""
         b, k = tokens.shape[:2]
         prior_count = None if prior is None else prior[1]
         key = (kind, b, k, id(prior_count))  # one call runs on one device
-        hit = self._calls.get(key)
+        hit = call.positions.get(key)
         # the entry holds the tensors it was computed from, so their ids cannot be reused while it lives
-        if hit is not None and hit[0] is self.valid and hit[1] is self.rows and hit[2] is prior_count:
+        if hit is not None and hit[0] is call.valid and hit[1] is call.rows and hit[2] is prior_count:
             return hit[3]
-        pos = positions(b, k, tokens.device, gating=self.gating, kind=kind, valid=self.valid,
-                        skip_first=self.skip_first_token, prior_count=prior_count,
-                        starts=not (self.track_running and self.continuing), rows=self.rows)
-        self._calls[key] = (self.valid, self.rows, prior_count, pos)
+        pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
+                        skip_first=self._skip_first_token, prior_count=prior_count,
+                        starts=not (self.track_running and call.continuing), rows=call.rows)
+        call.positions[key] = (call.valid, call.rows, prior_count, pos)
         return pos
 
     def _on_output(self, name, x):
+        call = self._local.call  # the state of the thread running this forward
         layer = self._layers[name]
-        if self.strength == 0 or (self.gated and not layer.steered):
+        overrides = call.overrides
+        strength, gated, record = (self._strength, self._gated, self._record_scales) if overrides is None else overrides
+        if strength == 0 or (gated and not layer.steered):
             return None
         tokens, restore = (x, None) if x.dim() == 3 else as_tokens(x)
         if tokens.shape[-1] != layer.width:
@@ -288,22 +353,24 @@ class SteeringHandle(HookSet):
                 f"was fitted on width {layer.width}: it belongs to another model; fit it again on this one"
             )
         map_, weight, bias = layer.on(tokens)
-        if self.gated:
-            prior = self.running.get(name) if self.track_running else None
-            pos = self._positions(layer.kind, tokens, prior)
+        if gated:
+            prior = call.running.get(name) if self.track_running else None
+            pos = self._positions(call, layer.kind, tokens, prior)
             proj = F.linear(tokens, weight, bias)  # (B, K, 1); in half precision the bias is rounded too
-            lam, state = layer_lambdas(proj if proj.dtype is torch.float32 else proj.float(), pos,
-                                       gating=self.gating, kind=layer.kind,
-                                       floor=self.lambda_floor, prior_mean=None if prior is None else prior[0])
+            if proj.dtype is not torch.float32:
+                proj = proj.float()
+            lam, state = layer_lambdas(proj, pos, gating=self._gating, kind=layer.kind,
+                                       floor=self._lambda_floor, prior_mean=None if prior is None else prior[0])
             if self.track_running:
-                self.running[name] = state
+                call.running[name] = state
+                call.undo[name] = (prior, proj)  # to go back if the KV cache is cropped
         else:  # plain steering: lambda = 1 everywhere
             lam = tokens.new_ones((*tokens.shape[:2], 1), dtype=torch.float32)
-            if self.rows is not None:
-                lam = lam * self.rows.to(lam.device, lam.dtype).view(-1, 1, 1)
-        if self.record_scales:  # (B, K, 1): `scales` drops the last axis when it is read, not here
-            self.history[name].append(lam.detach() if lam.requires_grad else lam)
+            if call.rows is not None:
+                lam = lam * call.rows.to(lam.device, lam.dtype).view(-1, 1, 1)
+        if record:  # (B, K, 1): `scales` drops the last axis when it is read, not here
+            call.history[name].append(lam.detach() if lam.requires_grad else lam)
         scale = lam if lam.dtype == tokens.dtype else lam.to(tokens.dtype)
-        out = torch.addcmul(tokens, scale, map_.delta(tokens), value=self.strength)
+        out = torch.addcmul(tokens, scale, map_.delta(tokens), value=strength)
         return out if restore is None else restore(out)
 

@@ -10,10 +10,12 @@ and cleared when a new sequence starts, so a new token's lambda costs O(1).
         handle.scales   # {layer name: (batch, tokens)}: every token but the last generated one
 
 Each forward call without a past (a new `generate()`, a plain forward) starts a new sequence and
-replaces the recorded lambdas. Decoding that reorders or crops the KV cache (beam search,
-assisted generation) is supported with `token` gating (the default), whose lambdas do not depend
-on the running state, but not with `causal` / `sequence` gating: their running state cannot
-follow the reordering.
+replaces the recorded lambdas. The running state follows the KV cache (`core.sequence.follow_cache`):
+beam search, which reorders the cache's rows, works under every gating mode (`causal`, the
+language-model default that `fit_steering` writes, `token` and `sequence`); assisted generation
+and prompt lookup, which crop it, work with `causal` and `token` gating and are refused with
+`sequence` gating, which gates the tokens of one call together. One handle may serve several
+threads at once; `handle.scales` holds the calling thread's lambdas.
 """
 
 from __future__ import annotations

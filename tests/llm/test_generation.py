@@ -55,8 +55,7 @@ def test_kv_cache_gives_what_recomputing_gives(model, tokenizer, steering, gatin
 
 
 def test_beam_search_with_token_gating_matches_recomputing(model, tokenizer, steering):
-    """Beam search reorders the cache rows; `token` lambdas do not depend on the running state, so they
-    stay right (`causal` ones would not: see dsas_diffusion.llm.attach)."""
+    """Beam search reorders the cache rows; every gating mode is checked in test_beam_search.py."""
     with attach(steering, model, strength=STRENGTH, gating="token"):
         cached = generate(model, tokenizer, PROMPTS, num_beams=3)
         recomputed = generate(model, tokenizer, PROMPTS, num_beams=3, use_cache=False)

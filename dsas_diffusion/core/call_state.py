@@ -1,0 +1,170 @@
+"""What one thread's calls through a steering handle have to themselves, and how it follows a KV cache.
+
+A steered model may run in several threads at once (a server, two pipelines sharing modules).
+Everything a call reads or writes (masks, batch rows, the running gate state, recorded lambdas,
+the options a pipeline switches on for its call) lives in a `SteeringCall`, one per thread and
+handle, so concurrent calls give exactly what the same calls give one after the other.
+
+With a KV cache the running gate state of a row belongs to that row's cached sequence. Decoding
+that moves the cache's rows (beam search reorders them, contrastive search selects and repeats
+them) must move the state with them, and decoding that crops the cache (assisted generation,
+prompt lookup) must take the state back to the kept length: `Sequence` does both for the cache
+it follows (`core.sequence.follow_cache` wires it to the cache's own methods).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .hooks import CallState
+
+State = tuple[torch.Tensor, torch.Tensor]  # running (mean of logits, count of real tokens), each (B, 1, 1)
+RowMap = Callable[[torch.Tensor], torch.Tensor]  # the same move of the batch rows (dim 0), for any tensor
+
+
+@dataclass(frozen=True)
+class RowsMoved:
+    """A marker among a layer's recorded lambdas: the rows recorded before it moved like this."""
+
+    move: RowMap
+
+
+class SteeringCall(CallState):
+    """The per-thread state of a `SteeringHandle`: see the module docstring."""
+
+    def __init__(self):
+        super().__init__()
+        self.overrides: tuple[float, bool, bool] | None = None  # (strength, gated, record_scales); None: the handle's
+        self.continuing = False  # this call extends the sequence of the previous one (KV cache)
+        self.length: int | None = None  # tokens of that sequence after the last call; None: unknown
+        self.running: dict[str, State] = {}
+        self.undo: dict[str, tuple[State | None, torch.Tensor]] = {}  # last call: state before it, its logits (B, K, 1)
+        self.positions: dict = {}  # `Positions` of the current forward, shared by its layers
+        self.history: dict[str, list] = defaultdict(list)  # (B, K, 1) lambdas per call, and `RowsMoved` markers
+        self.sequence: Sequence | None = None  # the cached sequence under way, once a cache is followed
+
+    def clear(self) -> None:
+        """Forget the sequence under way; the cache it followed no longer moves this state."""
+        self.running.clear()
+        self.undo.clear()
+        self.positions.clear()
+        self.history.clear()
+        self.length = None
+        self.sequence = None
+
+
+class Sequence:
+    """Keeps a `SteeringCall`'s running state in step with the rows and length of one KV cache.
+
+    It acts only while it is its call's current sequence: a new generation in the same thread
+    starts another one, and the old cache, if someone still reorders it, moves nothing.
+    """
+
+    def __init__(self, call: SteeringCall, gating: str, cache):
+        self.call, self.gating = call, gating
+        self.cache = weakref.ref(cache)  # which cache it follows, without keeping that cache alive
+        self.refused: str | None = None  # why the state could not follow the cache; later calls of it fail too
+
+    @property
+    def live(self) -> bool:
+        return self.call.sequence is self
+
+    def rows_moved(self, move: RowMap) -> None:
+        """The cache's rows moved (reordered, selected or repeated): move every per-row tensor alike."""
+        call = self.call
+        for name, (mean, count) in list(call.running.items()):
+            call.running[name] = (move(mean), move(count))
+        for name, (prior, proj) in list(call.undo.items()):
+            call.undo[name] = (None if prior is None else (move(prior[0]), move(prior[1])), move(proj))
+        if call.valid is not None:
+            call.valid = move(call.valid)
+        if call.rows is not None:
+            call.rows = move(call.rows)
+        call.positions.clear()
+        for chunks in call.history.values():
+            chunks.append(RowsMoved(move))  # applied when `scales` is read, not on every step
+
+    def cropped(self, removed: int) -> None:
+        """The cache dropped its last `removed` tokens: go back to the state at the kept length, or refuse."""
+        call = self.call
+        if call.undo:
+            k = next(iter(call.undo.values()))[1].shape[1]
+            if self.gating == "sequence" and k > 1:
+                self._refuse(
+                    "gating='sequence' cannot follow a KV cache that is cropped after a call of several tokens: the "
+                    "tokens of one call share one gate decision, so the tokens the crop keeps were gated together "
+                    "with the ones it removes (assisted generation and prompt-lookup decoding do this). Use "
+                    "gating='causal' (the language-model default) or 'token', which follow such crops exactly, or "
+                    "decode without an assistant model / prompt_lookup_num_tokens")
+            if removed > k:
+                self._refuse(
+                    f"the KV cache was cropped by {removed} tokens, but the running gate state ({self.gating} gating) "
+                    f"can only go back within the last forward call ({k} tokens): crop at most that many tokens "
+                    "after a call, or start a new generation")
+            if removed > 0:
+                self._go_back(k - removed)
+        if removed > 0:
+            for chunks in call.history.values():
+                _drop_last_tokens(chunks, removed)
+            if call.length is not None:
+                call.length -= removed
+
+    def _go_back(self, kept: int) -> None:
+        call = self.call
+        valid = call.valid
+        for name, (prior, proj) in list(call.undo.items()):
+            v = None if valid is None else valid[:, :kept].to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
+            if kept == 0:
+                if prior is None:
+                    call.running.pop(name, None)
+                else:
+                    call.running[name] = prior
+            else:
+                part = proj[:, :kept]
+                total = (part if v is None else part * v).sum(1, keepdim=True)
+                count = torch.full_like(total, float(kept)) if v is None else v.sum(1, keepdim=True)
+                if prior is not None:
+                    total, count = torch.addcmul(total, prior[0], prior[1]), count + prior[1]
+                call.running[name] = (total / count.clamp_min(1), count)
+            call.undo[name] = (prior, proj[:, :kept])
+        if valid is not None:
+            call.valid = valid[:, :kept]
+        call.positions.clear()
+
+    def _refuse(self, message: str) -> None:
+        self.refused = message
+        raise ValueError(message)
+
+
+def _drop_last_tokens(chunks: list, n: int) -> None:
+    """Remove the lambdas of the last `n` tokens from a layer's recorded (B, K, 1) chunks."""
+    i = len(chunks) - 1
+    while n > 0 and i >= 0:
+        chunk = chunks[i]
+        if isinstance(chunk, torch.Tensor):
+            keep = max(chunk.shape[1] - n, 0)
+            n -= chunk.shape[1] - keep
+            if keep:
+                chunks[i] = chunk[:, :keep]
+            else:
+                del chunks[i]
+        i -= 1
+
+
+def joined(chunks: list, spatial: bool) -> torch.Tensor:
+    """A layer's recorded lambdas as one tensor: (B, tokens) joined along tokens, or (calls, B, positions)
+    for spatial layers; rows recorded before a `RowsMoved` marker are moved as the cache's were."""
+    done: list[torch.Tensor] = []
+    for chunk in chunks:
+        if isinstance(chunk, RowsMoved):
+            done = [chunk.move(t) for t in done] if spatial else [chunk.move(torch.cat(done, 1))] if done else []
+        else:
+            done.append(chunk)
+    if spatial:
+        return torch.stack(done).squeeze(-1)
+    return torch.cat(done, dim=1).squeeze(-1)

@@ -1,0 +1,188 @@
+"""Decoding that moves or crops the KV cache: the running gate state of each row must go with it.
+
+Beam search reorders the cache's rows at every step; the ground truth is a beam search in which
+nothing is carried between steps: every step recomputes the steered forward without a cache
+(`use_cache=False`), or, for `sequence` gating (whose cached generation pools the prompt in its
+own call, which an uncached recomputation of the whole prefix cannot reproduce), replays each
+beam from its prompt on a cache of its own that is never reordered.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, LogitsProcessor
+
+from dsas_diffusion.llm import attach
+from tests.llm.tiny_lms import PAD, PROMPTS, fitted, generate, make_model, make_tokenizer
+
+STRENGTH = 2.0
+BEAMS = dict(num_beams=3, num_return_sequences=3, max_new_tokens=6)
+
+
+class ReplayEachBeam(LogitsProcessor):
+    """Replaces each beam's scores by those of a fresh greedy generation that is forced through the
+    beam's tokens: its prompt in one call, then one cached call per token, never reordered."""
+
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        self.model, self.prompt_ids, self.prompt_mask = model, prompt_ids, prompt_mask
+
+    def __call__(self, input_ids, scores):
+        rows = input_ids.shape[0] // self.prompt_ids.shape[0]
+        prompt_len = self.prompt_ids.shape[1]
+        forced = input_ids[:, prompt_len:]
+        out = self.model.generate(input_ids=input_ids[:, :prompt_len],
+                                  attention_mask=self.prompt_mask.repeat_interleave(rows, 0),
+                                  max_new_tokens=forced.shape[1] + 1, do_sample=False, pad_token_id=PAD,
+                                  logits_processor=[_Force(forced, prompt_len)], output_logits=True,
+                                  return_dict_in_generate=True)
+        assert len(out.logits) == forced.shape[1] + 1  # no beam was stopped early by an EOS
+        return torch.log_softmax(out.logits[-1].float(), dim=-1)
+
+
+class _Force(LogitsProcessor):
+    def __init__(self, tokens: torch.Tensor, prompt_len: int):
+        self.tokens, self.prompt_len = tokens, prompt_len
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        if step >= self.tokens.shape[1]:
+            return scores
+        forced = torch.full_like(scores, -float("inf"))
+        return forced.scatter(1, self.tokens[:, step:step + 1], 0.0)
+
+
+def _beams(model, tokenizer, **kwargs) -> torch.Tensor:
+    return generate(model, tokenizer, PROMPTS, **BEAMS, **kwargs)[0]
+
+
+def _replayed_beams(model, tokenizer) -> torch.Tensor:
+    enc = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    replay = ReplayEachBeam(model, enc["input_ids"], enc["attention_mask"])
+    return _beams(model, tokenizer, use_cache=False, logits_processor=[replay])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("gating", ["token", "causal", "sequence"])
+def test_beam_search_gives_the_uncached_beams(family, gating):
+    model, tokenizer = make_model(family), make_tokenizer()
+    with attach(fitted(family), model, strength=STRENGTH, gating=gating):
+        cached = _beams(model, tokenizer)
+        if gating == "sequence":
+            expected = _replayed_beams(model, tokenizer)
+        else:
+            expected = _beams(model, tokenizer, use_cache=False)
+    assert torch.equal(cached, expected)
+    assert not torch.equal(cached, _beams(model, tokenizer))  # the steering changes the beams
+
+
+def test_replaying_each_beam_is_the_uncached_ground_truth():
+    """The reference used for `sequence` gating, checked where recomputing without a cache applies."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+        assert torch.equal(_replayed_beams(model, tokenizer), _beams(model, tokenizer, use_cache=False))
+
+
+@torch.no_grad()  # a cache of tensors with autograd history cannot be deep-copied
+def _forward(model, ids, mask, cache=None):
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits
+
+
+@pytest.mark.parametrize("gating", ["token", "causal", "sequence"])
+def test_a_reordered_cache_continues_each_row_as_its_new_sequence(gating):
+    """Rows moved by hand (with a duplicate, as beam search does), then one more token: the logits
+    and the recorded lambdas of each row are those of its new sequence replayed from scratch."""
+    model, tokenizer = make_model("qwen2"), make_tokenizer()
+    enc = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    order, nxt = torch.tensor([2, 0, 0]), torch.tensor([[7], [9], [11]])
+    ones = torch.ones(3, 1, dtype=mask.dtype)
+    with attach(fitted("qwen2"), model, strength=STRENGTH, gating=gating) as handle:
+        cache = DynamicCache(config=model.config)
+        _forward(model, ids, mask, cache)
+        cache.reorder_cache(order)
+        moved = _forward(model, nxt, torch.cat([mask[order], ones], 1), cache)[:, -1]
+        moved_scales = handle.scales
+        fresh = DynamicCache(config=model.config)
+        _forward(model, ids[order], mask[order], fresh)
+        expected = _forward(model, nxt, torch.cat([mask[order], ones], 1), fresh)[:, -1]
+        expected_scales = handle.scales
+    torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
+    assert moved_scales.keys() == expected_scales.keys()
+    for name, lam in moved_scales.items():
+        torch.testing.assert_close(lam, expected_scales[name], rtol=1e-5, atol=1e-5)
+
+
+LOOKUP = ["i see a banana i see a banana i see a"]  # repeats itself: prompt lookup proposes tokens to check
+
+
+@pytest.mark.parametrize("gating", ["token", "causal"])
+def test_prompt_lookup_decoding_takes_the_state_back_when_it_crops_the_cache(gating):
+    """Prompt lookup checks several proposed tokens in one call and crops the rejected ones from
+    the cache; the state goes back to the kept length, so the tokens are plain greedy decoding's."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    with attach(fitted("llama"), model, strength=STRENGTH, gating=gating) as handle:
+        greedy, greedy_logits = generate(model, tokenizer, LOOKUP, max_new_tokens=8)
+        greedy_scales = handle.scales
+        lookup, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
+        lookup_scales = handle.scales
+    assert torch.equal(lookup, greedy)
+    for name, lam in lookup_scales.items():  # the rejected tokens' lambdas are dropped too
+        torch.testing.assert_close(lam, greedy_scales[name], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_lookup_decoding_with_sequence_gating_is_refused_by_name():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="sequence"):
+        with pytest.raises(ValueError, match="gating='sequence' cannot follow a KV cache that is cropped.*'causal'"):
+            generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
+        generate(model, tokenizer, LOOKUP, max_new_tokens=2)  # a new generation starts clean
+
+
+def test_cropping_further_back_than_the_last_call_is_refused():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+        cache = DynamicCache(config=model.config)
+        _forward(model, enc["input_ids"], enc["attention_mask"], cache)
+        _forward(model, torch.tensor([[7]]), torch.ones(1, enc["input_ids"].shape[1] + 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="cropped by 2 tokens.*only go back within the last forward call"):
+            cache.crop(-2)
+        with pytest.raises(ValueError, match="cropped by 2 tokens"):  # the sequence stays refused
+            _forward(model, torch.tensor([[9]]), torch.ones(1, enc["input_ids"].shape[1], dtype=torch.long), cache)
+
+
+def test_a_copy_of_a_followed_cache_moves_its_own_rows():
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    with attach(fitted("llama"), model, strength=STRENGTH):
+        cache = DynamicCache(config=model.config)
+        _forward(model, enc["input_ids"], enc["attention_mask"], cache)
+        keys = cache.layers[0].keys.clone()
+        copied = copy.deepcopy(cache)
+        copied.reorder_cache(torch.tensor([2, 0, 0]))
+        copied.crop(-1)
+    assert torch.equal(cache.layers[0].keys, keys)  # the original is untouched
+    assert torch.equal(copied.layers[0].keys, keys[[2, 0, 0], :, :-1])
+
+
+def test_a_reused_prompt_cache_continues_once_and_a_second_reuse_is_refused():
+    """The running state of a thread is that of the sequence it last extended: a copy of the prompt's
+    cache continues it right once; a second copy would continue a state that moved on."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    more = torch.tensor([[7, 9]])
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+        prompt_cache = DynamicCache(config=model.config)
+        _forward(model, ids, mask, prompt_cache)
+        reused = _forward(model, more, torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype), copy.deepcopy(prompt_cache))
+        with pytest.raises(ValueError, match=f"sequence of {ids.shape[1]} tokens.*sequence of {ids.shape[1] + 2} "
+                                             "tokens.*another KV cache"):
+            _forward(model, more, torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype), copy.deepcopy(prompt_cache))
+        whole = _forward(model, torch.cat([ids, more], 1), torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype))
+    torch.testing.assert_close(reused, whole[:, -2:], rtol=1e-5, atol=1e-5)
+    assert prompt_cache.get_seq_length() == ids.shape[1]
