@@ -6,37 +6,14 @@ padding excluded) and hand them over as {layer name: (examples, D)} tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from tqdm.auto import tqdm
 
 from .config import LayerInfo, LayerKind, SteeringConfig
+from .fit_inputs import FIT_OPTIONS, check_example_sets, check_fit_options  # noqa: F401  (re-exported)
 from .gate import fit_gate
 from .maps import map_class
 from .steering import Steering
-
-
-def check_example_sets(source: Sequence, target: Sequence, control: Sequence, min_size: int = 2,
-                       pca_rank: int | None = None) -> None:
-    """Reject empty, tiny or one-class example sets, or too few for the gate's PCA, before any model runs."""
-    for label, items in (("source", source), ("target", target), ("control", control)):
-        if isinstance(items, str):
-            raise TypeError(f"{label} must be a list of examples, not one string: pass [{items!r}, ...]")
-        if len(items) == 0:
-            raise ValueError(f"the {label} set is empty; pass at least {min_size} examples")
-        if len(items) < min_size:
-            raise ValueError(f"the {label} set has {len(items)} example(s); pass at least {min_size}")
-        if any(not isinstance(x, str) or not x.strip() for x in items):
-            raise ValueError(f"the {label} set holds an empty or non-text example; every example must be non-empty text")
-    if set(source) == set(control):
-        raise ValueError(
-            "source and control hold the same examples, so the gate has only one class to learn from; control "
-            "must be examples WITHOUT the concept (source: with it)"
-        )
-    if isinstance(pca_rank, int) and len(source) + len(control) < pca_rank:
-        raise ValueError(f"pca_rank={pca_rank} needs at least {pca_rank} source + control examples, got "
-                         f"{len(source) + len(control)}; pass more examples or a lower pca_rank")
 
 
 def fit_from_activations(
@@ -57,6 +34,8 @@ def fit_from_activations(
     `*_groups` give the prompt index of each row when a prompt contributes several rows (one
     per denoising step), so held-out accuracy is measured on unseen prompts.
     """
+    check_fit_options({f: getattr(config, f) for f in FIT_OPTIONS}, "fit_from_activations")
+    _check_activations(source, target, control)
     mcls = map_class(config.method)
     maps, gates, layers = {}, {}, {}
     for name in tqdm(list(source), desc="fitting layers", disable=not progress, leave=False):
@@ -76,6 +55,22 @@ def fit_from_activations(
     config.layers = layers
     steering = Steering(config, maps, gates, probes)
     return require_steered_layers(steering) if require_steered else steering
+
+
+def _check_activations(source: dict, target: dict, control: dict) -> None:
+    """The three sets name the same layers, each with a (examples, width) floating tensor."""
+    if not source:
+        raise ValueError("no activations to fit: source holds no layer")
+    for label, acts in (("target", target), ("control", control)):
+        if set(acts) != set(source):
+            raise ValueError(f"{label} activations are for layers {sorted(acts)}, source ones for {sorted(source)}; "
+                             "collect all three sets at the same layers")
+    for label, acts in (("source", source), ("target", target), ("control", control)):
+        for name, x in acts.items():
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2 or len(x) == 0:
+                got = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{label} activations of layer {name!r} must be a non-empty (examples, width) "
+                                 f"floating tensor, got {got}")
 
 
 def require_steered_layers(steering: Steering) -> Steering:

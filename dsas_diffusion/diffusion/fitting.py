@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -21,9 +22,50 @@ from tqdm.auto import tqdm
 from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, find_modules, fit_from_activations
 from ..core.fit import require_steered_layers
 from ..core.fingerprint import fingerprint
+from ..core.fit_inputs import (check_fit_options, flag, layer_pattern, method_name, positive_int, real_number,
+                               seed_int)
+from ..core.modules import check_weights_loaded
 from .targets import TEXT_ENCODER_LAYERS, UNET_LAYERS, clip_token_mask, eos_token_id
 
 Where = Literal["both", "text_encoder", "unet"]
+
+
+# fit_pipeline_steering's own arguments, named when an unknown keyword is refused
+_ARGUMENTS = ("steer", "text_encoder_layers", "unet_layers", "num_inference_steps", "guidance_scale", "height",
+              "width", "batch_size", "seed", "progress", "state")
+
+
+def check_pipeline(pipe, steer: str) -> None:
+    for component in ("tokenizer", "text_encoder") + (("unet", "scheduler") if steer != "text_encoder" else ()):
+        if getattr(pipe, component, None) is None:
+            raise ValueError(f"the pipeline has no {component}, which fitting with steer={steer!r} needs; load a "
+                             "complete Stable Diffusion pipeline")
+    for component in ("text_encoder", "unet"):
+        if getattr(pipe, component, None) is not None:
+            check_weights_loaded(getattr(pipe, component), component)
+
+
+def check_image_size(pipe, name: str, value) -> int | None:
+    """None (the model's size) or a positive multiple of 8 (what Stable Diffusion pipelines accept) and of
+    the VAE's downscaling factor, checked before the text encoder stage runs (the pipeline itself would
+    refuse it only in the UNet stage)."""
+    if value is None:
+        return None
+    factor = math.lcm(8, getattr(pipe, "vae_scale_factor", 8))
+    value = positive_int(name, value, f"; pass None (the model's size) or a multiple of {factor}")
+    if value % factor:
+        raise ValueError(f"{name} must be a multiple of {factor}, got {value}; pass e.g. "
+                         f"{name}={max(factor, value // factor * factor)}")
+    return value
+
+
+def check_state(state) -> None:
+    if state is None:
+        return
+    n, i = getattr(state, "num_processes", None), getattr(state, "process_index", None)
+    if not (isinstance(n, int) and isinstance(i, int) and 0 <= i < n):
+        raise TypeError(f"state must be None or accelerate's PartialState (num_processes, process_index), got "
+                        f"{type(state).__name__}")
 
 
 def check_prompt_lengths(tokenizer, prompts: Sequence[str], label: str) -> None:
@@ -108,8 +150,8 @@ def fit_pipeline_steering(
     method: str = "linear_act",
     *,
     steer: Where = "both",
-    text_encoder_layers: str = TEXT_ENCODER_LAYERS,
-    unet_layers: str = UNET_LAYERS,
+    text_encoder_layers: str | None = TEXT_ENCODER_LAYERS,
+    unet_layers: str | None = UNET_LAYERS,
     num_inference_steps: int = 10,
     guidance_scale: float = 7.5,
     height: int | None = None,
@@ -121,27 +163,48 @@ def fit_pipeline_steering(
     **config_options,
 ) -> Steering:
     """`state` (accelerate's PartialState) splits activation collection between processes; every
-    process then fits the same steering from the gathered activations, bit-identical to one process."""
+    process then fits the same steering from the gathered activations, bit-identical to one process.
+    `text_encoder_layers` / `unet_layers`: regular expressions over the component's module names
+    (None: the default). Prompts the tokenizer cannot tell apart are dropped as duplicates, with a warning."""
+    # 1. inputs, before any model runs
     if steer not in ("both", "text_encoder", "unet"):
         raise ValueError(f"steer={steer!r} is unknown; choose 'both', 'text_encoder' or 'unet'")
-    check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
+    method = method_name(method)
+    config_options = check_fit_options(config_options, "fit_pipeline_steering", _ARGUMENTS)
+    text_encoder_layers = layer_pattern("text_encoder_layers", text_encoder_layers, allow_none=True,
+                                        fix=f"text_encoder_layers=r'{TEXT_ENCODER_LAYERS}' (the default)") \
+        or TEXT_ENCODER_LAYERS
+    unet_layers = layer_pattern("unet_layers", unet_layers, allow_none=True,
+                                fix=f"unet_layers=r'{UNET_LAYERS}' (the default)") or UNET_LAYERS
+    num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
+    guidance_scale = real_number("guidance_scale", guidance_scale, fix="; pass e.g. guidance_scale=7.5")
+    height, width = check_image_size(pipe, "height", height), check_image_size(pipe, "width", width)
+    batch_size = positive_int("batch_size", batch_size)
+    seed = seed_int("seed", seed)
+    progress = flag("progress", progress)
+    check_state(state)
+    check_pipeline(pipe, steer)
+    source, target, control = check_example_sets(
+        source, target, control, pca_rank=config_options.get("pca_rank", 5),
+        key=lambda prompts: pipe.tokenizer(prompts).input_ids, stacklevel=3)
     for label, prompts in (("source", source), ("target", target), ("control", control)):
         check_prompt_lengths(pipe.tokenizer, prompts, label)
+    te_names = find_modules(pipe.text_encoder, text_encoder_layers, "text_encoder", "text_encoder_layers") \
+        if steer in ("both", "text_encoder") else []
+    unet_names = find_modules(pipe.unet, unet_layers, "unet", "unet_layers") if steer in ("both", "unet") else []
     config = SteeringConfig(method=method, seed=seed, base_model=str(getattr(pipe, "name_or_path", None) or "") or None,
                             num_examples={"source": len(source), "target": len(target), "control": len(control)},
                             **config_options)
     parts: list[Steering] = []
 
     if steer in ("both", "text_encoder"):
-        names = find_modules(pipe.text_encoder, text_encoder_layers, "text_encoder")
-        acts = [collect_text_encoder(pipe, p, names, batch_size, f"text encoder: {label}", progress, state)
+        acts = [collect_text_encoder(pipe, p, te_names, batch_size, f"text encoder: {label}", progress, state)
                 for label, p in (("source", source), ("target", target), ("control", control))]
         parts.append(_fit_component(pipe, "text_encoder", acts, config, text_encoder_layers, "tokens", progress))
 
     if steer in ("both", "unet"):
-        names = find_modules(pipe.unet, unet_layers, "unet")
         te_steering = parts[0] if parts else None
-        kw = dict(names=names, batch_size=batch_size, seed=seed, progress=progress, state=state,
+        kw = dict(names=unet_names, batch_size=batch_size, seed=seed, progress=progress, state=state,
                   num_inference_steps=num_inference_steps,
                   guidance_scale=guidance_scale, height=height, width=width)
         s, s_groups = collect_unet(pipe, source, steering=te_steering, desc="unet: source", **kw)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 
 import torch
 from torch import nn
@@ -23,11 +22,10 @@ from tqdm.auto import tqdm
 
 from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, fit_from_activations
 from ..core.fingerprint import fingerprint
+from ..core.fit_inputs import check_fit_options, flag, layer_pattern, method_name, positive_int
+from ..core.modules import check_weights_loaded
 from .sequence import causal_lm_pre_forward
 from .targets import resolve_layers
-
-# SteeringConfig fields that fit_steering fills in itself.
-_RESERVED = {"method", "base_model", "fingerprint", "targets", "num_examples", "layers", "format_version"}
 
 
 def context_length(model: nn.Module) -> tuple[int | None, str]:
@@ -58,23 +56,17 @@ def check_model_and_tokenizer(model, tokenizer) -> None:
 
 def check_text_lengths(texts: Sequence[str], token_ids: list[list[int]], model: nn.Module, label: str) -> None:
     """Positions past the context have no embedding: such a text fails deep inside the model or, worse,
-    gives activations the model never produces in use."""
+    gives activations the model never produces in use. A text of no tokens has no mean at all."""
     limit, field = context_length(model)
-    if limit is None:
-        return
     for text, ids in zip(texts, token_ids):
-        if len(ids) > limit:
+        if len(ids) == 0:
+            raise ValueError(f"a {label} text tokenizes to no tokens, so it has no activations to average: {text!r}; "
+                             "remove it or give it words the tokenizer knows")
+        if limit is not None and len(ids) > limit:
             raise ValueError(
                 f"a {label} text has {len(ids)} tokens but the model's context holds {limit} ({field}); "
                 f"shorten it: {text[:80]!r}..."
             )
-
-
-def check_config_options(options: dict) -> None:
-    allowed = {f.name for f in fields(SteeringConfig)} - _RESERVED
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise TypeError(f"fit_steering got unknown option(s) {unknown}; steering options are {sorted(allowed)}")
 
 
 @contextmanager
@@ -137,7 +129,7 @@ def fit_steering(
     **config_options,
 ) -> Steering:
     """Fit a DSAS steering on `model`: maps from `source` to `target` texts, gates from `source`
-    vs `control` texts, at the layers named by `layers` (a preset of `LAYER_PRESETS`, a regular
+    vs `control` texts, at the layers named by `layers` (a preset of `layer_presets(model)`, a regular
     expression over module names, or None for the architecture's default).
 
     `config_options` are `SteeringConfig` fields (pca_rank, gating, accuracy_threshold, ...).
@@ -145,15 +137,24 @@ def fit_steering(
     sentence means, and per-token gating ("token") lets ordinary words of control texts score high;
     in the toy language world at alpha 4 it left 46 % of control continuations unchanged, causal
     gating 100 % (`python -m dsas_diffusion.toy.lm_eval`).
+    Texts that tokenize alike are dropped as duplicates (with a warning) before the held-out split,
+    and a text in both source and control is refused. Every argument is checked before the model runs.
     Attach the result with `dsas_diffusion.llm.attach(steering, model)`.
     """
     # 1. inputs, before the model runs
     check_model_and_tokenizer(model, tokenizer)
-    check_example_sets(source, target, control, pca_rank=config_options.get("pca_rank", 5))
-    check_config_options(config_options)
+    method = method_name(method)
+    config_options = check_fit_options(config_options, "fit_steering", ("layers", "batch_size", "progress"))
     config_options.setdefault("gating", "causal")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
+    progress = flag("progress", progress)
+    layer_pattern("layers", layers, allow_none=True, fix="layers='residual' (a preset: the output of every decoder "
+                                                         "block) or layers=r'model\\.layers\\.\\d+'")
+    check_weights_loaded(model)
+    # texts the model sees as the same tokens are duplicates (dropped, with a warning)
+    source, target, control = check_example_sets(
+        source, target, control, pca_rank=config_options.get("pca_rank", 5),
+        key=lambda texts: tokenizer(texts)["input_ids"], stacklevel=2)
     pattern, names = resolve_layers(model, layers)
     sets = {"source": source, "target": target, "control": control}
     encoded = {label: tokenizer(list(texts))["input_ids"] for label, texts in sets.items()}
