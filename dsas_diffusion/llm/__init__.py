@@ -4,7 +4,7 @@ from .attach import attach
 from .fitting import fit_steering
 from .plots import token_heatmap_html, token_heatmap_png
 from .sequence import causal_lm_pre_forward
-from .targets import LAYER_PRESETS, resolve_layers
+from .targets import DEFAULT_PRESETS, layer_presets, resolve_layers
 
 __all__ = ["attach", "fit_steering", "token_heatmap_html", "token_heatmap_png", "causal_lm_pre_forward",
-           "LAYER_PRESETS", "resolve_layers"]
+           "DEFAULT_PRESETS", "layer_presets", "resolve_layers"]

@@ -1,4 +1,4 @@
-"""Tiny, seeded, offline causal LMs of four families, a word-level tokenizer built from the test
+"""Tiny, seeded, offline causal LMs of several families, a word-level tokenizer built from the test
 sentences, and the texts. Nothing here touches a hub. (A module of its own, not conftest: the tests import from it.)"""
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ WORDS = sorted({w for w in TEMPLATE.split() if "{" not in w} | set(ADJECTIVES) |
 PAD, BOS, EOS = 0, 1, 2
 VOCAB_SIZE = 96  # > len(SPECIALS) + len(WORDS); the ids above the words are generated but never typed
 FAMILIES = ["gpt2", "llama", "qwen2", "gemma2"]
+# Families whose layers dsas_diffusion.llm.targets finds from their structure alone (deepseek_v4 only
+# has its default preset in the table), built from their configs for tests/llm/test_any_architecture.py:
+# extra config fields per family.
+MORE_FAMILIES = {
+    "phi3": {},
+    "gpt_neox": {},
+    "falcon": {},  # parallel attention + MLP, one shared norm; blocks return a tuple
+    "olmo2": {},  # post-norm: no norm in front of the MLP
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "openai-gpt": {},  # blocks return a list
+    "deepseek_v4": dict(head_dim=16),  # hyper-connections: blocks return (batch, tokens, streams, width)
+}
 CONTEXT = 64
 
 
@@ -72,6 +86,10 @@ def make_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2):
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     elif family == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(head_dim=hidden // 4, **common))
+    elif family in MORE_FAMILIES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **common, **MORE_FAMILIES[family]))
     else:
         raise KeyError(family)
     return model.eval()
