@@ -72,8 +72,10 @@ def llm_checks(device: str, dtype) -> dict[str, bool]:
 
 
 def main(argv=None) -> int:
+    from dsas_diffusion.cli import arguments as types
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=types.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))

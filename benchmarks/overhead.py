@@ -89,14 +89,17 @@ def fitting(args) -> dict:
 
 
 def main(argv=None):
+    from dsas_diffusion.cli import arguments as types
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small stand-in models, fewer repeats")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=types.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--llm-repeats", type=int, default=None, help="repeats of the LLM cases (full run: 15)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per image")
-    parser.add_argument("--size", type=int, default=None, help="image size of the full run")
+    parser.add_argument("--repeats", type=types.positive_int, default=None)
+    parser.add_argument("--llm-repeats", type=types.positive_int, default=None,
+                        help="repeats of the LLM cases (full run: 15)")
+    parser.add_argument("--steps", type=types.positive_int, default=None, help="denoising steps per image")
+    parser.add_argument("--size", type=types.image_side, default=None, help="image size of the full run")
     parser.add_argument("--only", choices=["diffusion", "llm", "fit"], action="append")
     parser.add_argument("--compile", action="store_true",
                         help="also compare torch.compile'd stock and steered UNets and LM generate() (compiling takes minutes)")

@@ -124,9 +124,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None):
+    from dsas_diffusion.cli import arguments as types
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=types.threads, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

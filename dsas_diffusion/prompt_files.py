@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,19 +134,25 @@ def _rows_from_records(path: Path, records: list[tuple[int, dict]], columns: lis
     return rows
 
 
+# per-row values take the range the `dsas` options take (`cli/arguments.py`)
+ROW_RANGES = {int: (0, 2**32 - 1, "a seed"), float: (0, 100, "a guidance scale")}
+
+
 def _number(path: Path, line: int, col: str, value, kind):
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    lo, hi, what = ROW_RANGES[kind]
     try:
         number = float(value)
-        if kind is int:
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        return number
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            raise ValueError
     except (TypeError, ValueError):
-        raise PromptFileError(f"{path}, line {line}: {col}={value!r} is not a {kind.__name__}; fix the value "
-                              "or remove the column") from None
+        raise PromptFileError(f"{path}, line {line}: {col}={value!r} is not {what} (a finite "
+                              f"{'whole ' if kind is int else ''}number); fix the value or remove the column") from None
+    if not lo <= number <= hi:
+        raise PromptFileError(f"{path}, line {line}: {col}={value!r} is out of range; {what} lies between {lo} and "
+                              f"{hi}: fix the value or remove the column")
+    return int(number) if kind is int else number
 
 
 def _table_rows(path: Path, delimiter: str, column: str | None) -> list[PromptRow]:

@@ -1,5 +1,5 @@
-"""What the subcommands share: argument groups, the process layout (one process, or several under
-`accelerate launch`), loading the pipeline and the steering, and small parsers.
+"""What the subcommands share: argument groups (their value checks: `arguments.py`), the process
+layout (one process, or several under `accelerate launch`), loading the pipeline and the steering.
 
 Heavy imports (torch, diffusers, accelerate) happen inside the functions, so `dsas --help` is fast.
 """
@@ -7,13 +7,16 @@ Heavy imports (torch, diffusers, accelerate) happen inside the functions, so `ds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
 from ..prompt_files import PromptRow, is_table, prompt_set_file, read_prompt_rows, read_prompts
+from . import arguments as types
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -29,19 +32,23 @@ def add_runtime_args(p: argparse.ArgumentParser, dtype_default: str = "auto") ->
                    help=f"model dtype; auto: float16 on a GPU, float32 on CPU (default: {dtype_default})")
     g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    g.add_argument("--threads", type=types.threads, metavar="N",
+                   help="torch CPU threads per process (default: torch's choice in one process, 1 per process under "
+                        "`accelerate launch`); CPU results differ in the last bits between thread counts")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--model", help="Stable Diffusion folder or hub id (default: the model the steering was fitted on)")
     g.add_argument("--steering", required=True, help="steering folder written by `dsas fit`")
-    g.add_argument("--seeds", default="0", type=parse_seeds,
-                   help="seeds per prompt: '0,1,2' or '0-3' (default: 0); a file's per-row seed replaces them")
-    g.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    g.add_argument("--guidance", type=float, default=7.5,
+    g.add_argument("--seeds", default="0", type=types.seeds,
+                   help=f"seeds per prompt: '0,1,2' or '0-3' (default: 0; at most {types.MAX_SEEDS:,}); a file's "
+                        "per-row seed replaces them")
+    g.add_argument("--steps", type=types.positive_int, default=30, help="denoising steps (default: 30)")
+    g.add_argument("--guidance", type=types.guidance, default=7.5,
                    help="classifier-free guidance scale (default: 7.5); a file's per-row value replaces it")
-    g.add_argument("--height", type=int, help="image height (default: the model's)")
-    g.add_argument("--width", type=int, help="image width (default: the model's)")
+    g.add_argument("--height", type=types.image_side, help="image height, a multiple of 8 (default: the model's)")
+    g.add_argument("--width", type=types.image_side, help="image width, a multiple of 8 (default: the model's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     g.add_argument("--steer-negative", action="store_true", help="also steer the unconditional (negative) branch")
     g.add_argument("--no-safety-checker", action="store_true", help="load the pipeline without its safety checker")
@@ -60,7 +67,8 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder; an interrupted run resumes when started again")
+    p.add_argument("--out", required=True, type=types.output_folder,
+                   help="output folder; an interrupted run resumes when started again")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results already in --out and start again (default: resume)")
 
@@ -77,38 +85,10 @@ def add_clip_args(p: argparse.ArgumentParser) -> None:
                    help="zero-shot text without the concept, e.g. 'a photo of an apple' (repeatable)")
     g.add_argument("--concept-file", metavar="FILE", help="concept texts, one per line")
     g.add_argument("--anti-concept-file", metavar="FILE", help="anti-concept texts, one per line")
-    g.add_argument("--concept-threshold", type=float, default=0.5,
+    g.add_argument("--concept-threshold", type=types.probability_threshold, default=0.5,
                    help="an image shows the concept when P(concept) exceeds this (default: 0.5)")
-    g.add_argument("--clip-batch-size", type=int, default=32, help="images per CLIP batch (default: 32)")
-
-
-# ---- parsers ------------------------------------------------------------------------------------
-def parse_seeds(text: str) -> list[int]:
-    seeds = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                seeds += list(range(int(lo), int(hi) + 1))
-            elif part:
-                seeds.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds {text!r} are not non-negative integers; write '0,1,2' or '0-3'") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("no seeds given; write '0,1,2' or '0-3'")
-    return list(dict.fromkeys(seeds))
-
-
-def parse_floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. '0.5,1,2'") from None
-    if not values:
-        raise argparse.ArgumentTypeError("the list is empty; write numbers separated by commas, e.g. '0.5,1,2'")
-    return values
+    g.add_argument("--clip-batch-size", type=types.positive_int, default=32,
+                   help="images per CLIP batch (default: 32)")
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -153,16 +133,32 @@ def concept_texts(args) -> tuple[list[str], list[str]]:
 
 
 # ---- processes, devices, models -----------------------------------------------------------------
-def process_state(cpu: bool = False):
+def process_state(cpu: bool = False, threads: int | None = None):
     """accelerate's PartialState: one process, or the layout `accelerate launch` set up. On a machine
     without a GPU, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` gives N CPU
-    processes (accelerate only makes CPU processes when told to use the CPU)."""
+    processes (accelerate only makes CPU processes when told to use the CPU). The torch thread count
+    is set here too (see `set_threads`)."""
     import torch
     from accelerate import PartialState
 
     use_cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
         "LOCAL_RANK" in os.environ and not torch.cuda.is_available())
-    return PartialState(cpu=use_cpu)
+    state = PartialState(cpu=use_cpu)
+    set_threads(state, threads)
+    return state
+
+
+def set_threads(state, threads: int | None) -> None:
+    """CPU results differ in the last bits between torch thread counts (sums are split otherwise),
+    so a run split between processes fixes its count: `threads`, or 1 per process whatever the
+    launcher chose. It is then byte-identical to a 1-process run given the same `--threads` (1 for
+    the default). One process keeps torch's choice unless `threads` is given."""
+    import torch
+
+    if threads is None and state.num_processes > 1:
+        threads = 1
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def device_for(state, cpu: bool = False):
@@ -185,16 +181,100 @@ def load_pipeline(model: str, *, dtype, device, safety_checker: bool = True):
 
     model = check_model_path(model)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    try:
+    with loading_model(model, "--model", "a Stable Diffusion folder (model_index.json, unet/, text_encoder/ ...) "
+                                         "or a hub id you can reach"):
         with warnings.catch_warnings():  # recent diffusers call it dtype; older ones know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = DSASStableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **kwargs)
-    except OSError as e:
-        raise CLIError(f"could not load the model {model!r}: {e}\nPass --model with a Stable Diffusion folder "
-                       "(model_index.json, unet/, text_encoder/ ...) or a hub id you can reach") from None
-    pipe.to(device)
+            pipe = DSASStableDiffusionPipeline.from_pretrained(_absolute(model), torch_dtype=dtype, **kwargs)
+        _check_complete(pipe, model)
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_clip_model(args, *, device, dtype):
+    """The CLIP embedder of --clip-backend / --clip-model, load errors explained."""
+    from ..eval import load_clip
+    from ..eval.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_OPEN_CLIP_MODEL
+
+    name = args.clip_model or (DEFAULT_CLIP_MODEL if args.clip_backend == "transformers" else DEFAULT_OPEN_CLIP_MODEL)
+    expected = "a CLIP folder or hub id (open_clip: ARCH:TAG)"
+    with loading_model(name, "--clip-model", expected, explained=(ValueError, OSError)):
+        return load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype,
+                         batch_size=args.clip_batch_size)
+
+
+def _absolute(model: str) -> str:
+    """A local folder by its absolute path, so that a steering fitted on it records where it is
+    (its base_model) and `dsas generate` can tell later whether that folder is still there."""
+    return model if local_path(model) is None else os.path.abspath(model)
+
+
+def check_steps(pipe, steps: int) -> None:
+    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if trained and steps > trained:
+        raise CLIError(f"--steps {steps} is more than the {trained} timesteps the model's scheduler knows; pass "
+                       f"--steps {trained} or fewer (30 to 50 is usual)")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@contextlib.contextmanager
+def loading_model(model: str, option: str, expected: str, explained: tuple[type[Exception], ...] = ()):
+    """Whatever loading `model` raises becomes one CLIError naming the model and the fix (DSAS_DEBUG=1
+    shows the original traceback): a model that cannot be loaded is a user's problem to solve, with
+    a message, not a traceback from deep inside diffusers, transformers or torch. Errors of the
+    `explained` types (already worded for the user by the loader) pass unchanged, unless they come
+    from refused pickled weights."""
+    try:
+        yield
+    except (CLIError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - translated, with the original kept as the cause
+        if any(isinstance(c, pickle.UnpicklingError) or "weights_only" in str(c) for c in _chain(e)):
+            raise CLIError(_pickled_weights_message(model, option)) from e
+        if isinstance(e, explained):
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hub = " (no folder of that name here, so it was taken as a hub id)" if local_path(model) is None else ""
+        raise CLIError(f"could not load the model {model}{hub}: {first_line}\nPass {option} with {expected} "
+                       "(set DSAS_DEBUG=1 for the traceback)") from e
+
+
+def _chain(error: BaseException):
+    """The error and those it was raised from or while handling (diffusers wraps torch's)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _pickled_weights_message(model: str, option: str) -> str:
+    path = local_path(model)
+    files = []
+    if path is not None and path.is_dir():
+        files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.suffix in PICKLE_SUFFIXES)
+    where = f" ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})" if files else ""
+    return (f"could not load the model {model}: torch refused to unpickle its weights{where}. A pickle can run "
+            "code, so only plain tensors are loaded from one (torch's weights_only), and this file holds something "
+            "else: it is damaged or was not written by save_pretrained. Use a copy of the model saved as safetensors "
+            f"(load it once where you trust its files and save it with `save_pretrained`), or pass {option} with "
+            "another model")
+
+
+def _check_complete(pipe, model: str) -> None:
+    """Weights missing from a folder are left on the meta device by diffusers: say which."""
+    import torch
+
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            missing = [n for n, p in component.named_parameters() if p.is_meta]
+            if missing:
+                raise CLIError(f"the model {model} is incomplete: {name}/ lacks the weights of {len(missing)} "
+                               f"parameters (e.g. {missing[0]}); save the pipeline again, or pass --model with "
+                               "another folder")
 
 
 def local_path(name: str | os.PathLike) -> Path | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (CLIError, add_clip_args, add_runtime_args, concept_texts, device_for, echo, process_state,
-                     torch_dtype)
+from . import arguments as types
+from .common import (CLIError, add_clip_args, add_runtime_args, concept_texts, device_for, echo, load_clip_model,
+                     process_state, torch_dtype)
 
 
 def add_parser(sub) -> None:
@@ -25,18 +26,18 @@ def add_parser(sub) -> None:
     add_clip_args(p)
     p.add_argument("--prompt-set", metavar="DIR", help="take the concept texts from DIR/concept.txt and "
                                                          "DIR/anti_concept.txt")
-    p.add_argument("--out", help="where to write the scores (default: the RUN folder)")
+    p.add_argument("--out", type=types.output_folder, help="where to write the scores (default: the RUN folder)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier scores and score again")
     add_runtime_args(p, dtype_default="float32")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from ..eval import check_concept_texts, load_clip
+    from ..eval import check_concept_texts
     from .journal import Journal
     from .scoring import run_scoring, summarize, write_summary
 
-    state = process_state(args.cpu)
+    state = process_state(args.cpu, args.threads)
     concept, anti = concept_texts(args)
     if concept:
         check_concept_texts(concept, anti)
@@ -45,7 +46,7 @@ def run(args) -> int:
     device = device_for(state, args.cpu)
     dtype = torch_dtype(args.dtype, device)
     settings = clip_settings(args, concept, anti, dtype)
-    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype, batch_size=args.clip_batch_size)
+    clip = load_clip_model(args, device=device, dtype=dtype)
     journal = Journal(out, "scores", settings, state, overwrite=args.overwrite)
     scores = run_scoring(records, root=root, clip=clip, concept=concept, anti_concept=anti,
                          threshold=args.concept_threshold, journal=journal, state=state,
@@ -89,7 +90,12 @@ def load_run(path: str) -> tuple[Path, list[dict]]:
 
 def _records(path: Path) -> list[dict]:
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a run folder or a JSONL file "
+                       "of records") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import arguments as types
 from .common import CLIError, add_runtime_args, device_for, echo, process_state, torch_dtype
 
 METHODS = ("linear_act", "mean_shift", "mean_act", "iti")
@@ -34,24 +35,29 @@ def add_parser(sub) -> None:
     g.add_argument("--method", choices=METHODS, default="linear_act", help="steering map family (default: linear_act)")
     g.add_argument("--steer", choices=("both", "text_encoder", "unet"), default="both",
                    help="where to steer: text encoder layers, UNet cross-attention layers, or both (default: both)")
-    g.add_argument("--pca-rank", type=int, default=5, help="PCA rank of each gate (default: 5)")
-    g.add_argument("--threshold", type=float, default=0.75,
+    g.add_argument("--pca-rank", type=types.positive_int, default=5, help="PCA rank of each gate (default: 5)")
+    g.add_argument("--threshold", type=types.fraction, default=0.75,
                    help="layers whose held-out gate accuracy is below this are not steered (default: 0.75)")
     g.add_argument("--gating", choices=("token", "causal", "sequence"), default="token",
                    help="how lambda is read at each position (default: token)")
-    g.add_argument("--text-encoder-layers", help="regex of text encoder modules (default: every encoder layer)")
-    g.add_argument("--unet-layers", help="regex of UNet modules (default: cross-attention, attn2)")
-    g.add_argument("--steps", type=int, default=10, help="denoising steps per prompt when collecting UNet activations "
-                   "(default: 10)")
-    g.add_argument("--guidance", type=float, default=7.5,
+    g.add_argument("--text-encoder-layers", type=types.regex,
+                   help="regex of text encoder modules (default: every encoder layer)")
+    g.add_argument("--unet-layers", type=types.regex, help="regex of UNet modules (default: cross-attention, attn2)")
+    g.add_argument("--steps", type=types.positive_int, default=10,
+                   help="denoising steps per prompt when collecting UNet activations (default: 10)")
+    g.add_argument("--guidance", type=types.guidance, default=7.5,
                    help="guidance scale when collecting UNet activations (default: 7.5)")
-    g.add_argument("--height", type=int, help="image height when collecting UNet activations (default: the model's)")
-    g.add_argument("--width", type=int, help="image width when collecting UNet activations (default: the model's)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: 8)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the UNet runs (default: 0)")
-    p.add_argument("--out", required=True, help="steering folder to write")
+    g.add_argument("--height", type=types.image_side,
+                   help="image height when collecting UNet activations (default: the model's)")
+    g.add_argument("--width", type=types.image_side,
+                   help="image width when collecting UNet activations (default: the model's)")
+    g.add_argument("--batch-size", type=types.positive_int, default=8, help="prompts per forward pass (default: 8)")
+    g.add_argument("--seed", type=types.seed, default=0,
+                   help="seed of the held-out split and the UNet runs (default: 0)")
+    p.add_argument("--out", required=True, type=types.output_folder, help="steering folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a steering already in --out")
-    p.add_argument("--report", metavar="FILE", help="also write the per-layer report (.json or .md)")
+    p.add_argument("--report", metavar="FILE", type=types.output_file,
+                   help="also write the per-layer report (.json or .md)")
     add_runtime_args(p, dtype_default="float32")
     p.set_defaults(handler=run)
 
@@ -60,9 +66,9 @@ def run(args) -> int:
     from ..core import CONFIG_NAME
     from ..core.io import write_text_atomic
     from ..prompt_files import is_table, prompt_set_file, read_prompts
-    from .common import load_pipeline
+    from .common import check_steps, load_pipeline
 
-    state = process_state(args.cpu)  # under accelerate, every process collects a share of the activations
+    state = process_state(args.cpu, args.threads)  # under accelerate, every process collects a share of the activations
     files = {}
     for role in ("source", "target", "control"):
         path = getattr(args, role) or (prompt_set_file(args.prompt_set, role) if args.prompt_set else None)
@@ -77,6 +83,7 @@ def run(args) -> int:
 
     device = device_for(state, args.cpu)
     pipe = load_pipeline(args.model, dtype=torch_dtype(args.dtype, device), device=device)
+    check_steps(pipe, args.steps)
     layer_args = {k: v for k, v in (("text_encoder_layers", args.text_encoder_layers),
                                     ("unet_layers", args.unet_layers)) if v}
     steering = pipe.fit_steering(

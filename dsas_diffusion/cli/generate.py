@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import arguments as types
 from .common import add_generation_args, add_output_args, add_prompt_args, add_runtime_args, echo, process_state
 
 
@@ -13,12 +14,15 @@ def add_parser(sub) -> None:
         "generate", help="generate images with a steering, with lambda overlays",
         description="Generate images with DSAS. Writes images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (the UNet "
                     "lambda map over the image and the prompt's per-token lambdas) and results.jsonl (one record per "
-                    "image, written as it goes); started again, it resumes where it stopped.")
+                    "image, written as it goes); started again, it resumes where it stopped. A run with other "
+                    "settings (another --alpha, --steps, steering ...) into the same --out is refused unless "
+                    "--overwrite.")
     add_generation_args(p)
     add_prompt_args(p)
-    p.add_argument("--alpha", type=float, default=1.0, help="steering strength (default: 1.0)")
+    p.add_argument("--alpha", type=types.strength, default=1.0, help="steering strength (default: 1.0)")
     p.add_argument("--compare", action="store_true",
-                   help="also draw unsteered and plain-steering images; compare/UNIT.png shows the three side by side")
+                   help="also draw unsteered and plain-steering images; compare/UNIT-aALPHA.png shows the three side "
+                        "by side")
     add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(handler=run)
@@ -28,8 +32,9 @@ def run(args) -> int:
     from .generation import Variant, prepare, run_generation
     from .journal import Journal
 
-    state = process_state(args.cpu)
+    state = process_state(args.cpu, args.threads)
     pipe, units, settings = prepare(args, state)
+    settings["alpha"] = args.alpha  # another alpha is another run: refused into the same --out, like other settings
     variants = [Variant("dsas", args.alpha)]
     if args.compare:
         variants = [Variant("unsteered"), Variant("plain", args.alpha)] + variants
@@ -37,7 +42,8 @@ def run(args) -> int:
     journal = Journal(out, "results", settings, state, overwrite=args.overwrite)
     records = run_generation(pipe, units, variants, out=out, journal=journal, state=state, steps=args.steps,
                              height=settings["height"], width=settings["width"], negative_prompt=args.negative_prompt,
-                             steer_negative=args.steer_negative, compare=args.compare, progress=args.progress)
+                             steer_negative=args.steer_negative, compare=args.alpha if args.compare else None,
+                             progress=args.progress)
     echo(state, f"{len(records)} images in {out} (results.jsonl, images/, overlays/"
                 + (", compare/)" if args.compare else ")"), *_lambda_lines(records))
     return 0

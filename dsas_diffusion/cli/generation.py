@@ -5,8 +5,10 @@ plain steering at strength alpha, DSAS at alpha) from the same seed, one image p
 so the result of a unit never depends on which process drew it or what else was in its batch.
 For DSAS images the lambdas are kept: a map over the image and the prompt's per-token values.
 
-Files (paths in the records are relative to the output folder):
-  images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (DSAS), compare/UNIT.png (with --compare),
+Files (paths in the records are relative to the output folder); the seed is in UNIT
+(`concept-00000-s0`) and the strength in VARIANT (`dsas-a1`), so no file of one setting ever
+replaces one of another:
+  images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (DSAS), compare/UNIT-aALPHA.png (with --compare),
   results.jsonl (one record per image; see `journal.py` for how it is written and resumed).
 """
 
@@ -40,13 +42,24 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return "unsteered" if self.mode == "unsteered" else f"{self.mode}-a{self.alpha:g}"
+        return "unsteered" if self.mode == "unsteered" else f"{self.mode}-a{alpha_tag(self.alpha)}"
 
     @property
     def label(self) -> str:
         if self.mode == "unsteered":
             return "unsteered"
         return f"{'DSAS' if self.mode == 'dsas' else 'plain'} a={self.alpha:g}"
+
+
+def alpha_tag(alpha: float) -> str:
+    """alpha in a file name: short ('1', '0.25') where that gives it back exactly, else in full, so
+    two strengths never share a name."""
+    short = f"{alpha:g}"
+    return short if float(short) == alpha else repr(float(alpha))
+
+
+def comparison_path(unit: "Unit", alpha: float) -> Path:
+    return Path("compare") / f"{unit.key}-a{alpha_tag(alpha)}.png"
 
 
 def make_units(groups: dict[str, list[PromptRow]], seeds: list[int], guidance: float) -> list[Unit]:
@@ -67,9 +80,10 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Path, journal: Journal, state,
                    steps: int, height: int, width: int, negative_prompt: str | None = None,
-                   steer_negative: bool = False, compare: bool = False, progress: bool = True) -> list[dict]:
+                   steer_negative: bool = False, compare: float | None = None, progress: bool = True) -> list[dict]:
     """Draw what is not done yet, this process's share of it; returns the records of this run's images
-    (`units` x `variants`), merged across processes."""
+    (`units` x `variants`), merged across processes. `compare`: the alpha of the comparison strips to
+    draw (None: none)."""
     from tqdm.auto import tqdm
 
     done = journal.open()
@@ -84,8 +98,11 @@ def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Pat
                            f"{rec['seed']}); the prompt files changed since: pass --overwrite or another --out")
         return (out / rec["image"]).is_file()
 
+    def strip_missing(unit: Unit) -> bool:
+        return compare is not None and not (out / comparison_path(unit, compare)).is_file()
+
     todo = [(u, [v for v in variants if not finished(u, v)]) for u in units]
-    todo = [(u, vs) for u, vs in todo if vs or (compare and not (out / "compare" / f"{u.key}.png").is_file())]
+    todo = [(u, vs) for u, vs in todo if vs or strip_missing(u)]
     state.wait_for_everyone()  # every process has read the files before any writes: the splits agree
     with state.split_between_processes(todo) as mine:
         desc = "generating" if state.num_processes == 1 else f"generating [{state.process_index}]"
@@ -96,8 +113,8 @@ def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Pat
                     journal.append(render(pipe, unit, variant, out=out, steps=steps, height=height, width=width,
                                           negative_prompt=negative_prompt, steer_negative=steer_negative))
                     bar.update()
-                if compare:  # a strip is drawn again whenever one of its images was: it never shows stale ones
-                    compose_comparison(out, unit, variants, force=bool(missing))
+                if compare is not None:  # a strip is drawn again whenever one of its images was: never stale
+                    compose_comparison(out, unit, variants, compare, force=bool(missing))
     return journal.finish(order)
 
 
@@ -133,13 +150,13 @@ def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height:
     return record
 
 
-def compose_comparison(out: Path, unit: Unit, variants: list[Variant], force: bool = False) -> None:
-    """compare/UNIT.png: the unit's images side by side; an existing strip is kept unless `force`."""
+def compose_comparison(out: Path, unit: Unit, variants: list[Variant], alpha: float, force: bool = False) -> None:
+    """compare/UNIT-aALPHA.png: the unit's images side by side; an existing strip is kept unless `force`."""
     from PIL import Image
 
     from ..eval.overlays import compare_strip
 
-    target = out / "compare" / f"{unit.key}.png"
+    target = out / comparison_path(unit, alpha)
     paths = [out / "images" / v.name / f"{unit.key}.png" for v in variants]
     if (target.is_file() and not force) or not all(p.is_file() for p in paths):
         return
@@ -182,21 +199,38 @@ def generation_settings(pipe, *, model: str, steering, steps: int, height: int, 
 def prepare(args, state):
     """(pipe, units, settings) for `generate` and `sweep`: prompts read and the pipeline loaded with
     the steering set (which refuses a steering fitted on another model)."""
-    from .common import check_model_path, device_for, load_pipeline, load_steering, prompt_groups, torch_dtype
+    from .common import (check_model_path, check_steps, device_for, load_pipeline, load_steering, prompt_groups,
+                         torch_dtype)
 
     groups = prompt_groups(args)
     units = make_units(groups, args.seeds, args.guidance)
     steering = load_steering(args.steering)
-    model = args.model or steering.config.base_model
-    if not model:
-        raise CLIError(f"the steering {args.steering} does not record the model it was fitted on; pass --model")
+    model = args.model or fitted_model(steering, args.steering, state)
     model = check_model_path(model)  # `~` expanded, so that --model=~/sd and --model ~/sd resume the same run
     device = device_for(state, args.cpu)
     pipe = load_pipeline(model, dtype=torch_dtype(args.dtype, device), device=device,
                          safety_checker=not args.no_safety_checker)
+    check_steps(pipe, args.steps)
     pipe.set_steering(steering)
     height, width = image_size(pipe, args.height, args.width)
     settings = generation_settings(pipe, model=model, steering=steering, steps=args.steps, height=height,
                                    width=width, negative_prompt=args.negative_prompt,
                                    steer_negative=args.steer_negative, safety_checker=not args.no_safety_checker)
     return pipe, units, settings
+
+
+def fitted_model(steering, name: str, state) -> str:
+    """The model a steering says it was fitted on (its base_model), for a run without --model: said in
+    the output, since the user did not name it, and refused when it is a local folder not here."""
+    from .common import echo, local_path
+
+    base = steering.config.base_model
+    if not base:
+        raise CLIError(f"the steering {name} does not record the model it was fitted on; pass --model")
+    path = local_path(base)
+    if path is not None and not path.exists():
+        raise CLIError(f"the steering {name} was fitted on the local folder {base}, which does not exist here; pass "
+                       "--model with that model (its folder here, or its hub id)")
+    where = "a local folder" if path is not None else "a hub id: from the Hugging Face cache, or downloaded"
+    echo(state, f"model: {base} ({where}), the model the steering was fitted on; pass --model to use another")
+    return base

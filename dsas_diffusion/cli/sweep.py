@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import arguments as types
 from .common import (CLIError, add_clip_args, add_generation_args, add_output_args, add_prompt_args,
-                     add_runtime_args, concept_texts, device_for, echo, parse_floats, process_state, torch_dtype,
+                     add_runtime_args, concept_texts, device_for, echo, load_clip_model, process_state, torch_dtype,
                      warn)
 
 DRIFTS = {"clip": ("drift_clip", "drift of control images (1 - CLIP cosine to unsteered)"),
@@ -26,7 +27,7 @@ def add_parser(sub) -> None:
                     "pareto.png, pareto.md) next to results.jsonl, scores.jsonl and summary.md. Resumable.")
     add_generation_args(p)
     add_prompt_args(p)
-    p.add_argument("--alphas", type=parse_floats, default="0.25,0.5,1,2",
+    p.add_argument("--alphas", type=types.strengths, default="0.25,0.5,1,2",
                    help="steering strengths, comma-separated (default: 0.25,0.5,1,2)")
     add_clip_args(p)
     p.add_argument("--drift", choices=sorted(DRIFTS), default="clip", help="drift measure of the front (default: clip)")
@@ -38,20 +39,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..eval import check_concept_texts, load_clip
+    from ..eval import check_concept_texts
     from .evaluate import clip_settings
     from .generation import Variant, prepare, run_generation
     from .journal import Journal
     from .scoring import run_scoring, summarize, write_summary
 
-    state = process_state(args.cpu)
+    state = process_state(args.cpu, args.threads)
     concept, anti = concept_texts(args)
     if not concept:
         raise CLIError("a sweep measures the concept rate: pass --concept TEXT and --anti-concept TEXT "
                        "(or --prompt-set)")
     check_concept_texts(concept, anti)
-    if any(a <= 0 for a in args.alphas):
-        raise CLIError(f"--alphas {args.alphas} must all be > 0 (alpha 0 is the unsteered baseline, always drawn)")
     pipe, units, settings = prepare(args, state)
     if {u.group for u in units} != {"concept", "control"}:
         missing = "--control-prompts" if all(u.group == "concept" for u in units) else "--prompts"
@@ -67,7 +66,7 @@ def run(args) -> int:
 
     device = device_for(state, args.cpu)
     dtype = torch_dtype(args.dtype, device)
-    clip = load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype, batch_size=args.clip_batch_size)
+    clip = load_clip_model(args, device=device, dtype=dtype)
     score_settings = clip_settings(args, concept, anti, dtype)
     journal = Journal(out, "scores", score_settings, state, overwrite=args.overwrite)
     scores = run_scoring(records, root=out, clip=clip, concept=concept, anti_concept=anti,

@@ -241,8 +241,29 @@ def _format(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m dsas_diffusion.toy.lm_eval [method ...]: print a sweep
-    import sys
+METHODS = ("mean_shift", "linear_act", "mean_act", "iti")
 
-    torch.set_num_threads(1)
-    print(_format(sweep(methods=sys.argv[1:] or None)))
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m dsas_diffusion.toy.lm_eval [method ...]: print a sweep (arguments parsed first)."""
+    import argparse
+
+    from ..cli import arguments as types
+
+    parser = argparse.ArgumentParser(prog="python -m dsas_diffusion.toy.lm_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("methods", nargs="*", metavar="METHOD",
+                        help="map families to sweep: mean_shift, linear_act, mean_act, iti (default: mean_shift "
+                             "linear_act iti)")
+    parser.add_argument("--threads", type=types.threads, default=1,
+                        help="torch CPU threads (default: 1; results can differ in the last bits with another count)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"argument METHOD: {unknown[0]!r} is not a map family; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(args.threads)
+    print(_format(sweep(methods=args.methods or None)))
+
+
+if __name__ == "__main__":
+    main()

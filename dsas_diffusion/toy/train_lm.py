@@ -108,19 +108,25 @@ def _portable_tokenizer_class(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..cli import arguments as types
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=96)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--out", type=types.output_folder, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--steps", type=types.positive_int, default=1500)
+    p.add_argument("--batch-size", type=types.positive_int, default=64)
+    p.add_argument("--lr", type=types.learning_rate, default=3e-3)
+    p.add_argument("--seed", type=types.seed, default=0)
+    p.add_argument("--layers", type=types.positive_int, default=4)
+    p.add_argument("--hidden", type=types.positive_int, default=96)
+    p.add_argument("--heads", type=types.positive_int, default=4)
+    p.add_argument("--threads", type=types.threads, default=1,
                    help="torch CPU threads (default 1: the shipped checkpoint was trained so; results can differ "
                         "in the last bits with another count)")
     args = p.parse_args(argv)
+    args.out = Path(args.out)
+    if args.hidden % args.heads:
+        p.error(f"argument --hidden: {args.hidden} is not a multiple of --heads {args.heads}; each head takes an "
+                "equal share of the width")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer, loss = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

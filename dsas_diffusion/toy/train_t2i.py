@@ -112,13 +112,15 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, captions, steps: int,
 
 
 def main(argv=None):
+    from ..cli import arguments as types
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="assets/toy-t2i")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=72 * 40)
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=3000)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--out", type=types.output_folder, default="assets/toy-t2i")
+    parser.add_argument("--seed", type=types.seed, default=0)
+    parser.add_argument("--images", type=types.positive_int, default=72 * 40)
+    parser.add_argument("--vae-steps", type=types.positive_int, default=800)
+    parser.add_argument("--unet-steps", type=types.positive_int, default=3000)
+    parser.add_argument("--threads", type=types.threads, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,9 +18,10 @@ def launch(*args, processes: int = 2) -> subprocess.CompletedProcess:
     with socket.socket() as s:  # a free port, so parallel test runs on one machine do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # On a machine without a GPU, accelerate makes CPU processes when ACCELERATE_USE_CPU is set;
-    # each gets one thread, like the 1-process reference runs of these tests.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    # On a machine without a GPU, accelerate makes CPU processes when ACCELERATE_USE_CPU is set.
+    # Whatever thread count the launcher picks (OMP_NUM_THREADS, set here to 2 to make the point),
+    # `dsas` runs each process of a split run on one torch thread, like the 1-process reference runs.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(port), "-m", "dsas_diffusion", *map(str, args), "--cpu"]

@@ -73,7 +73,12 @@ def test_jsonl_objects_and_strings(tmp_path):
     ("p.csv", ["id,text", "1,a dog"], None, "has no 'prompt' column; its columns are: id, text"),
     ("p.csv", ["prompt"], None, "holds no prompts"),
     ("p.csv", ["prompt,sd_seed", ",1"], None, "line 2: the 'prompt' value is missing or empty"),
-    ("p.csv", ["prompt,sd_seed", "a dog,1.5"], None, "sd_seed='1.5' is not a int"),
+    ("p.csv", ["prompt,sd_seed", "a dog,1.5"], None, "sd_seed='1.5' is not a seed"),
+    ("p.csv", ["prompt,sd_seed", "a dog,inf"], None, "sd_seed='inf' is not a seed"),  # was an OverflowError
+    ("p.csv", ["prompt,sd_seed", "a dog,-3"], None, "sd_seed='-3' is out of range; a seed lies between 0 and"),
+    ("p.csv", ["prompt,sd_seed", "a dog,1e30"], None, "sd_seed='1e30' is out of range"),
+    ("p.csv", ["prompt,sd_guidance_scale", "a dog,nan"], None, "sd_guidance_scale='nan' is not a guidance scale"),
+    ("p.csv", ["prompt,guidance", "a dog,1e6"], None, "guidance='1e6' is out of range; a guidance scale lies"),
     ("p.jsonl", ['{"prompt": "a"}', "[1, 2]"], None, "line 2 is a JSON list; each line must be an object"),
     ("p.jsonl", ["{oops"], None, "line 1 is not valid JSON"),
     ("p.txt", ["a dog"], "prompt", "plain text file .* has no columns; drop --column"),

@@ -151,14 +151,16 @@ def test_damaged_journal_line_is_reported(tmp_path, stage):
         _read_jsonl(path)
 
 
-def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path):
+def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path, capsys):
     from dsas_diffusion.cli.generation import Variant
     from dsas_diffusion.eval import compare_strip
 
     out = tmp_path / "run"
     command = ["generate", "--steering", steering_dir, "--prompt", "a banana on the road", "--compare", "--out", out,
                *GEN]
-    strip = out / "compare" / "concept-00000-s0.png"
+
+    def strip(alpha):
+        return out / "compare" / f"concept-00000-s0-a{alpha}.png"
 
     def strip_of(alpha):
         variants = [Variant("unsteered"), Variant("plain", alpha), Variant("dsas", alpha)]
@@ -166,12 +168,18 @@ def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path
         return np.asarray(compare_strip(images, [v.label for v in variants]))
 
     assert run_cli(*command) == 0
-    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(1))
-    assert run_cli(*command, "--alpha", 2) == 0  # another alpha into the same folder
-    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(2))
-    before = strip.read_bytes()
+    assert np.array_equal(np.asarray(Image.open(strip(1))), strip_of(1))
+    first = strip(1).read_bytes()
+    capsys.readouterr()
+    assert run_cli(*command, "--alpha", 2) == 2  # another alpha into the same folder: another run, refused
+    assert "other settings (alpha: 1.0 -> 2.0); pass --overwrite" in capsys.readouterr().err
+    assert not strip(2).exists()
+    assert run_cli(*command, "--alpha", 2, "--overwrite") == 0
+    assert np.array_equal(np.asarray(Image.open(strip(2))), strip_of(2))
+    assert strip(1).read_bytes() == first  # the alpha-1 strip has a name of its own: never replaced by another's
+    before = strip(2).read_bytes()
     assert run_cli(*command, "--alpha", 2, "--guidance", 3, "--overwrite") == 0  # every image drawn again
-    assert np.array_equal(np.asarray(Image.open(strip)), strip_of(2)) and strip.read_bytes() != before
+    assert np.array_equal(np.asarray(Image.open(strip(2))), strip_of(2)) and strip(2).read_bytes() != before
 
 
 def test_a_smaller_sweep_into_the_same_folder_reports_only_its_own_images(sweep_dir, steering_dir, clip_dir,
