@@ -35,6 +35,7 @@ import json, os, sys
 from dsas_diffusion import Steering
 from dsas_diffusion.core.artifact import PAUSE_ENV
 old, new = Steering.from_pretrained(sys.argv[1]), Steering.from_pretrained(sys.argv[2])
+say = lambda text: os.write(1, (text + "\n").encode())  # one write: lines of forked processes never interleave
 pids = []
 for i, job in enumerate(json.loads(sys.argv[3])):
     pid = os.fork()
@@ -47,14 +48,14 @@ for i, job in enumerate(json.loads(sys.argv[3])):
             while True:
                 (old, new)[k % 2].save_pretrained(job["folder"])
                 if k == 0:
-                    print(f"looping {i}", flush=True)
+                    say(f"looping {i}")
                 k += 1
         os._exit(0)
     pids.append(pid)
-    print(f"job {i} pid {pid}", flush=True)
+    say(f"job {i} pid {pid}")
 for pid in pids:
     _, status = os.waitpid(pid, 0)
-    print(f"ended {pid} signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}", flush=True)
+    say(f"ended {pid} signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0}")
 """
 
 
@@ -94,10 +95,12 @@ def write_format_1(folder) -> None:
 
 
 class Lines:
-    """The stdout and stderr lines of a process, read as they come."""
+    """The stdout and stderr lines of a process, read from the raw pipes as they come (no buffered
+    reader: a line held in one would be invisible to select)."""
 
     def __init__(self, proc: subprocess.Popen):
         self.proc, self.lines = proc, []
+        self._partial = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
 
     def wait_for(self, pattern: str, timeout: float = 180.0) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -107,33 +110,48 @@ class Lines:
                 if m:
                     return m
             if time.monotonic() > deadline:
-                self.proc.kill()
                 raise AssertionError(f"no line matched {pattern!r}; got:\n{''.join(self.lines)}")
-            ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], 0.5)
-            for pipe in ready:
-                line = pipe.readline()
-                if line:
-                    self.lines.append(line)
+            ready, _, _ = select.select(list(self._partial), [], [], 0.5)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                *done, self._partial[fd] = (self._partial[fd] + chunk).split(b"\n")
+                self.lines += [line.decode() + "\n" for line in done]
 
 
 def run_saver(old_dir: Path, new_dir: Path, jobs: list[dict], kill_after=lambda i: 0.0) -> dict[int, int]:
-    """Run the jobs, kill -9 each one at its moment; returns {job: signal it ended by}."""
+    """Run the jobs, kill -9 each one at its moment; returns {job: signal it ended by}. Whatever
+    fails, no saving process outlives the test."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(PAUSE_ENV, None)
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(old_dir), str(new_dir), json.dumps(jobs)], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = Lines(proc)
-    pids = {i: int(out.wait_for(rf"job {i} pid (\d+)").group(1)) for i in range(len(jobs))}
-    for i, job in enumerate(jobs):
-        if job["pause"]:
-            out.wait_for(rf"save_pretrained \(pid {pids[i]}\) paused after {job['pause']}")
-        else:
-            out.wait_for(rf"looping {i}\b")
-            time.sleep(kill_after(i))
-        os.kill(pids[i], signal.SIGKILL)
-    ended = {i: int(out.wait_for(rf"ended {pids[i]} signal (\d+)").group(1)) for i in range(len(jobs))}
-    proc.wait(timeout=60)
-    return ended
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, pids = Lines(proc), {}
+    try:
+        for i in range(len(jobs)):
+            pids[i] = int(out.wait_for(rf"job {i} pid (\d+)").group(1))
+        for i, job in enumerate(jobs):
+            if job["pause"]:
+                out.wait_for(rf"save_pretrained \(pid {pids[i]}\) paused after {job['pause']}")
+            else:
+                out.wait_for(rf"^looping {i}$")
+                time.sleep(kill_after(i))
+            os.kill(pids[i], signal.SIGKILL)
+        ended = {i: int(out.wait_for(rf"ended {pids[i]} signal (\d+)").group(1)) for i in range(len(jobs))}
+        proc.wait(timeout=60)
+        return ended
+    finally:
+        reaped = "".join(out.lines)
+        for pid in pids.values():
+            if f"ended {pid} " in reaped:  # waited for: the pid may already be another process's
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 @pytest.fixture(scope="module")
