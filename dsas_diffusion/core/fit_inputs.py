@@ -16,6 +16,7 @@ from numbers import Integral, Real
 
 from .config import GATINGS, SteeringConfig
 from .maps import MAPS
+from .options import _describe, check_bool
 
 LABELS = ("source", "target", "control")
 # The SteeringConfig fields a user may pass to a fit; the others (method, base_model, fingerprint,
@@ -27,8 +28,7 @@ MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; a fit adds the promp
 
 # --- single arguments -------------------------------------------------------------------------
 
-def _shown(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
+_shown = _describe
 
 
 def positive_int(name: str, value, fix: str = "") -> int:
@@ -68,9 +68,7 @@ def real_number(name: str, value, low: float = -math.inf, high: float = math.inf
 
 
 def flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {_shown(value)}")
-    return value
+    return check_bool(value, name)
 
 
 def choice(name: str, value, choices: Iterable[str]) -> str:
