@@ -164,75 +164,39 @@ def check_option_names(given: dict, known, what: str = "option") -> None:
                     f"the known ones are {sorted(known)}")
 
 
+class _CheckedOption:
+    """One run option as a handle attribute, checked on assignment with its entry in `_CHECKS`.
+    The value lives in the plain attribute `_<name>`, which hooks read directly."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.private, self.check = name, f"_{name}", _CHECKS[name]
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.private)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.private, self.check(value, self.name))
+
+
 class RunOptionAttributes:
     """The run options of a handle as attributes that can be changed between calls
     (`handle.strength = 0.5`), each checked when assigned. Values live in plain private
-    attributes, so a hook reads them at the cost of a property."""
+    attributes, so a hook reads them at the cost of an attribute lookup."""
 
-    _strength: float
-    _gated: bool
-    _gating: Gating
-    _lambda_floor: float
-    _skip_first_token: bool
-    _record_scales: bool
+    strength = _CheckedOption()
+    gated = _CheckedOption()
+    gating = _CheckedOption()
+    lambda_floor = _CheckedOption()
+    skip_first_token = _CheckedOption()
+    record_scales = _CheckedOption()
 
     @property
     def options(self) -> RunOptions:
-        return RunOptions(self._strength, self._gated, self._gating, self._lambda_floor, self._skip_first_token,
-                          self._record_scales)
+        return RunOptions(**{name: getattr(self, f"_{name}") for name in _CHECKS})
 
     @options.setter
     def options(self, value: RunOptions) -> None:
         if not isinstance(value, RunOptions):
             raise TypeError(f"options must be a RunOptions, got {_describe(value)}")
-        self._strength, self._gated, self._gating = value.strength, value.gated, value.gating
-        self._lambda_floor, self._skip_first_token, self._record_scales = (
-            value.lambda_floor, value.skip_first_token, value.record_scales)
-
-    @property
-    def strength(self) -> float:
-        return self._strength
-
-    @strength.setter
-    def strength(self, value) -> None:
-        self._strength = check_strength(value, "strength")
-
-    @property
-    def gated(self) -> bool:
-        return self._gated
-
-    @gated.setter
-    def gated(self, value) -> None:
-        self._gated = check_bool(value, "gated")
-
-    @property
-    def gating(self) -> Gating:
-        return self._gating
-
-    @gating.setter
-    def gating(self, value) -> None:
-        self._gating = check_gating(value, "gating")
-
-    @property
-    def lambda_floor(self) -> float:
-        return self._lambda_floor
-
-    @lambda_floor.setter
-    def lambda_floor(self, value) -> None:
-        self._lambda_floor = check_lambda_floor(value, "lambda_floor")
-
-    @property
-    def skip_first_token(self) -> bool:
-        return self._skip_first_token
-
-    @skip_first_token.setter
-    def skip_first_token(self, value) -> None:
-        self._skip_first_token = check_bool(value, "skip_first_token")
-
-    @property
-    def record_scales(self) -> bool:
-        return self._record_scales
-
-    @record_scales.setter
-    def record_scales(self, value) -> None:
-        self._record_scales = check_bool(value, "record_scales")
+        for name in _CHECKS:  # a RunOptions holds checked values already
+            setattr(self, f"_{name}", getattr(value, name))
