@@ -14,16 +14,9 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with temporary_file(path.parent, path.name) as tmp:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved artifact is as readable as any
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        publish(tmp, path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
