@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.maps import map_class
+from ..core.registry import methods
 from . import arguments as types
 from .common import CLIError, add_runtime_args, device_for, echo, process_state, torch_dtype
 
-METHODS = ("linear_act", "mean_shift", "mean_act", "iti")
+# the registered map families fitted in closed form; learned ones (LinEAS) train through a language model
+# with dsas_diffusion.llm.fit_steering, which pipelines do not offer yet
+METHODS = tuple(m for m in methods() if not map_class(m).learned)
 
 
 def add_parser(sub) -> None:
@@ -22,7 +26,9 @@ def add_parser(sub) -> None:
         "fit", help="fit a steering from source / target / control prompt files",
         description="Fit DSAS maps (source -> target) and gates (source vs control) on a Stable Diffusion pipeline "
                     "and save them as a steering folder (steering_config.json + steering.safetensors).")
-    p.add_argument("--model", required=True, help="Stable Diffusion folder or hub id")
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline folder or hub id: Stable Diffusion 1.x / 2.x, SDXL, SD3, FLUX or PixArt-Σ "
+                        "(read from its model_index.json)")
     g = p.add_argument_group("prompts (text: one per line; CSV / TSV / JSONL: the --column column)")
     g.add_argument("--source", metavar="FILE", help="prompts showing the concept")
     g.add_argument("--target", metavar="FILE", help="the same prompts with the desired change")
@@ -33,8 +39,9 @@ def add_parser(sub) -> None:
     g.add_argument("--column", help="column of the prompts in CSV / JSONL files (default: 'prompt')")
     g = p.add_argument_group("fitting")
     g.add_argument("--method", choices=METHODS, default="linear_act", help="steering map family (default: linear_act)")
-    g.add_argument("--steer", choices=("both", "text_encoder", "unet"), default="both",
-                   help="where to steer: text encoder layers, UNet cross-attention layers, or both (default: both)")
+    g.add_argument("--steer", choices=("both", "text_encoder", "denoiser", "unet", "transformer"), default="both",
+                   help="where to steer: text encoder layers, the denoiser's (the UNet's or the transformer's), or "
+                        "both (default: both)")
     g.add_argument("--pca-rank", type=types.positive_int, default=5, help="PCA rank of each gate (default: 5)")
     g.add_argument("--threshold", type=types.fraction, default=0.75,
                    help="layers whose held-out gate accuracy is below this are not steered (default: 0.75)")
@@ -42,15 +49,17 @@ def add_parser(sub) -> None:
                    help="how lambda is read at each position (default: token)")
     g.add_argument("--text-encoder-layers", type=types.regex,
                    help="regex of text encoder modules (default: every encoder layer)")
-    g.add_argument("--unet-layers", type=types.regex, help="regex of UNet modules (default: cross-attention, attn2)")
+    g.add_argument("--denoiser-layers", type=types.regex,
+                   help="regex of denoiser modules (default: the family's: UNet cross-attention, DiT attention)")
+    g.add_argument("--unet-layers", type=types.regex, help="--denoiser-layers, by its older name")
     g.add_argument("--steps", type=types.positive_int, default=10,
-                   help="denoising steps per prompt when collecting UNet activations (default: 10)")
-    g.add_argument("--guidance", type=types.guidance, default=7.5,
-                   help="guidance scale when collecting UNet activations (default: 7.5)")
+                   help="denoising steps per prompt when collecting denoiser activations (default: 10)")
+    g.add_argument("--guidance", type=types.guidance,
+                   help="guidance scale when collecting denoiser activations (default: the pipeline's own)")
     g.add_argument("--height", type=types.image_side,
-                   help="image height when collecting UNet activations (default: the model's)")
+                   help="image height when collecting denoiser activations (default: the model's)")
     g.add_argument("--width", type=types.image_side,
-                   help="image width when collecting UNet activations (default: the model's)")
+                   help="image width when collecting denoiser activations (default: the model's)")
     g.add_argument("--batch-size", type=types.positive_int, default=8, help="prompts per forward pass (default: 8)")
     g.add_argument("--seed", type=types.seed, default=0,
                    help="seed of the held-out split and the UNet runs (default: 0)")
@@ -66,6 +75,7 @@ def run(args) -> int:
     from ..core import CONFIG_NAME
     from ..core.io import write_text_atomic
     from ..prompt_files import is_table, prompt_set_file, read_prompts
+    from ..diffusion.families import family_of
     from .common import check_steps, load_pipeline
 
     state = process_state(args.cpu, args.threads)  # under accelerate, every process collects a share of the activations
@@ -84,8 +94,14 @@ def run(args) -> int:
     device = device_for(state, args.cpu)
     pipe = load_pipeline(args.model, dtype=torch_dtype(args.dtype, device), device=device)
     check_steps(pipe, args.steps)
+    if args.denoiser_layers and args.unet_layers:
+        raise CLIError("--unet-layers is --denoiser-layers by its older name; pass one of them")
     layer_args = {k: v for k, v in (("text_encoder_layers", args.text_encoder_layers),
-                                    ("unet_layers", args.unet_layers)) if v}
+                                    ("denoiser_layers", args.denoiser_layers or args.unet_layers)) if v}
+    denoiser = family_of(pipe).denoiser
+    if args.steer in ("unet", "transformer") and args.steer != denoiser:
+        raise CLIError(f"--steer {args.steer}: this {family_of(pipe).name} pipeline's denoiser is a {denoiser}; pass "
+                       f"--steer {denoiser} (or denoiser)")
     steering = pipe.fit_steering(
         prompts["source"], prompts["target"], prompts["control"], method=args.method, steer=args.steer,
         pca_rank=args.pca_rank, accuracy_threshold=args.threshold, gating=args.gating,

@@ -7,79 +7,122 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .gate import GATE_KINDS
 from .maps import MAPS
 
 # 1: the first format. 2: the config names the sha256 of the weights file it was saved with
 # (`weights_sha256`), so a config never loads with weights it does not belong to. Format 1
 # files still load, without that check.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: learned maps and gates, gate activation, output elements, k-fold scores
 DIGEST_KEY = "weights_sha256"
 
 Gating = Literal["token", "causal", "sequence"]
 LayerKind = Literal["tokens", "spatial"]
+GateActivation = Literal["sigmoid", "relu"]
 GATINGS = ("token", "causal", "sequence")
+GATE_ACTIVATIONS = ("sigmoid", "relu")
+# Fields added after format 2 was fixed: a file written before them omits them and loads with
+# these values, which are what every such file meant.
+_ADDED_FIELDS = {"gate_activation": "sigmoid", "gates": "two_stage", "training": {}, "incremental": False,
+                 "cv_folds": 0, "accuracy_scaling": False}
+_ADDED_LAYER_FIELDS = {"element": 0, "gate_accuracy_std": None}
 
 
 @dataclass
 class LayerInfo:
-    """What was fitted at one module: its width, how its positions are laid out, the gate's score."""
+    """What was fitted at one module: its width, how its positions are laid out, the gate's score,
+    and which element of the module's output is steered (a block returning a tuple such as
+    (image stream, text stream) names the one the steering was fitted on; 0 for a tensor)."""
 
     width: int
     kind: LayerKind = "tokens"
     gate_accuracy: float = float("nan")
     steered: bool = True
+    element: int = 0
+    gate_accuracy_std: float = float("nan")  # over cross-validation folds (cv_folds); NaN with one split
 
     def __post_init__(self):
         if self.kind not in ("tokens", "spatial"):
             raise ValueError(f"layer kind must be 'tokens' or 'spatial', got {self.kind!r}")
+        if isinstance(self.element, bool) or not isinstance(self.element, int) or self.element < 0:
+            raise ValueError(f"layer element must be a non-negative integer (the index of the steered element "
+                             f"of a tuple output, 0 for a tensor), got {self.element!r}")
 
 
 @dataclass
 class SteeringConfig:
     """Fit-time choices plus run-time defaults; every [choice] of the method is a field here.
 
-    - method: steering map family (`mean_shift`, `mean_act`, `linear_act`, `iti`).
+    - method: steering map family, a name of core/registry.py's MAPS (`mean_shift`, `mean_act`,
+      `linear_act`, `iti`, `lineas`).
+    - gates: how the gates were obtained, a name of GATE_KINDS: `two_stage` (fitted after the maps)
+      or `e2e` (learned with them through the model).
     - pca_rank / logistic_l2: the gate's PCA rank (paper: 5) and L2 penalty (1 / scikit-learn's C).
     - accuracy_threshold / held_out_fraction: layers whose held-out gate accuracy is below the
       threshold (paper: 0.75) are not steered; the held-out split is by prompt.
+    - accuracy_scaling: instead of the hard threshold, each layer's map is weighed by its gate's
+      held-out accuracy, 0 at chance (0.5) rising linearly to 1 at accuracy 1 (the reviewers'
+      suggestion); layers at or below chance are not steered.
+    - cv_folds: 0 scores each gate on one held-out split; k >= 2 by k-fold cross-validation over
+      prompts (mean accuracy against the threshold, its spread recorded per layer).
     - gating: how lambda is read at each position: `token` (per position; padding positions take
       the sequence decision), `causal` (mean of the prefix <= k; for images the spatial mean),
       `sequence` (one decision per sequence / image).
     - skip_first_token: never steer the first real token (BOS), which looks the same in every prompt.
     - lambda_floor: lambdas below it snap to exactly 0, so clearly-absent inputs are bit-identical.
     - clamp_to_source_range: Linear-AcT evaluates the map on inputs clamped to the source range.
+    - incremental: each layer's map was fitted on source activations already steered (plainly) by
+      the maps of the layers before it, as AcT does; otherwise every map sees unsteered ones.
+    - training: for maps or gates learned through the model, the options of that learning and
+      how it went (core/learned.py: steps, lr, ..., steps_run, final_loss); empty otherwise.
+    - gate_activation: how a gate logit becomes lambda (`core.gate.activate`): `sigmoid` (the
+      two-stage logistic gate) or `relu` (clamped to [0, 1]: exactly 0 for negative logits).
     """
 
     method: str = "linear_act"
+    gates: str = "two_stage"
     pca_rank: int = 5
     logistic_l2: float = 1.0
     accuracy_threshold: float = 0.75
+    accuracy_scaling: bool = False
     held_out_fraction: float = 0.25
+    cv_folds: int = 0
     gating: Gating = "token"
     skip_first_token: bool = True
     lambda_floor: float = 0.0
     clamp_to_source_range: bool = True
+    incremental: bool = False
+    gate_activation: GateActivation = "sigmoid"
     seed: int = 0
     base_model: str | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, str] = field(default_factory=dict)
     num_examples: dict[str, int] = field(default_factory=dict)
+    training: dict[str, float] = field(default_factory=dict)
     layers: dict[str, LayerInfo] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         if self.method not in MAPS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {sorted(MAPS)}")
+        if self.gates not in GATE_KINDS:
+            raise ValueError(f"gates={self.gates!r} is unknown; choose one of {sorted(GATE_KINDS)}")
         if not isinstance(self.pca_rank, int) or self.pca_rank < 1:
             raise ValueError(f"pca_rank must be a positive integer, got {self.pca_rank!r}")
         if not 0.0 <= self.accuracy_threshold <= 1.0:
             raise ValueError(f"accuracy_threshold must lie in [0, 1], got {self.accuracy_threshold!r}")
+        if isinstance(self.cv_folds, bool) or not isinstance(self.cv_folds, int) or self.cv_folds < 0 \
+                or self.cv_folds == 1:
+            raise ValueError(f"cv_folds must be 0 (one held-out split) or an integer >= 2, got {self.cv_folds!r}")
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction!r}")
         if self.gating not in GATINGS:
             raise ValueError(f"gating={self.gating!r} is unknown; choose one of {list(GATINGS)}")
         if not 0.0 <= self.lambda_floor < 1.0:
             raise ValueError(f"lambda_floor must lie in [0, 1), got {self.lambda_floor!r}")
+        if self.gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation={self.gate_activation!r} is unknown; choose one of "
+                             f"{list(GATE_ACTIVATIONS)}")
         if self.logistic_l2 <= 0:
             raise ValueError(f"logistic_l2 must be > 0, got {self.logistic_l2!r}")
         self.layers = {k: v if isinstance(v, LayerInfo) else LayerInfo(**v) for k, v in self.layers.items()}
@@ -87,8 +130,9 @@ class SteeringConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for info in d["layers"].values():  # JSON has no NaN
-            if isinstance(info["gate_accuracy"], float) and math.isnan(info["gate_accuracy"]):
-                info["gate_accuracy"] = None
+            for key in ("gate_accuracy", "gate_accuracy_std"):
+                if isinstance(info[key], float) and math.isnan(info[key]):
+                    info[key] = None
         return d
 
     @classmethod
@@ -152,7 +196,8 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise _Invalid(f"unknown fields {unknown} (is it damaged or from another tool?)")
-    missing = [n for n in sorted(allowed) if n not in d and (n != DIGEST_KEY or digest_required)]
+    missing = [n for n in sorted(allowed) if n not in d and n not in _ADDED_FIELDS
+               and (n != DIGEST_KEY or digest_required)]
     if missing:
         raise _Invalid(f"required fields {missing} are missing")
     digest = None
@@ -162,14 +207,21 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
             raise _Invalid(f"{DIGEST_KEY!r} must be 64 lowercase hex digits (a sha256), got {digest!r}")
     values = {
         "method": _choice(d["method"], "'method'", sorted(MAPS)),
+        "gates": _choice(d.get("gates", _ADDED_FIELDS["gates"]), "'gates'", sorted(GATE_KINDS)),
         "pca_rank": _integer(d["pca_rank"], "'pca_rank'", 1),
         "logistic_l2": _real(d["logistic_l2"], "'logistic_l2'", 0.0, math.inf, low_open=True),
         "accuracy_threshold": _real(d["accuracy_threshold"], "'accuracy_threshold'", 0.0, 1.0),
+        "accuracy_scaling": _boolean(d.get("accuracy_scaling", _ADDED_FIELDS["accuracy_scaling"]),
+                                     "'accuracy_scaling'"),
         "held_out_fraction": _real(d["held_out_fraction"], "'held_out_fraction'", 0.0, 1.0, high_open=True),
+        "cv_folds": _integer(d.get("cv_folds", _ADDED_FIELDS["cv_folds"]), "'cv_folds'", 0),
         "gating": _choice(d["gating"], "'gating'", list(GATINGS)),
         "skip_first_token": _boolean(d["skip_first_token"], "'skip_first_token'"),
         "lambda_floor": _real(d["lambda_floor"], "'lambda_floor'", 0.0, 1.0, high_open=True),
         "clamp_to_source_range": _boolean(d["clamp_to_source_range"], "'clamp_to_source_range'"),
+        "incremental": _boolean(d.get("incremental", _ADDED_FIELDS["incremental"]), "'incremental'"),
+        "gate_activation": _choice(d.get("gate_activation", _ADDED_FIELDS["gate_activation"]), "'gate_activation'",
+                                   list(GATE_ACTIVATIONS)),
         "seed": _integer(d["seed"], "'seed'"),
         "base_model": None if d["base_model"] is None else _string(d["base_model"], "'base_model'"),
         "fingerprint": {k: _fingerprint_entry(v, f"fingerprint[{k!r}]")
@@ -177,6 +229,9 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
         "targets": {k: _string(v, f"targets[{k!r}]") for k, v in _mapping(d["targets"], "'targets'").items()},
         "num_examples": {k: _integer(v, f"num_examples[{k!r}]", 0)
                          for k, v in _mapping(d["num_examples"], "'num_examples'").items()},
+        "training": {k: v if isinstance(v, int) and not isinstance(v, bool) else
+                     _real(v, f"training[{k!r}]", -math.inf, math.inf)
+                     for k, v in _mapping(d.get("training", {}), "'training'").items()},
         "layers": {k: _layer(v, k) for k, v in _mapping(d["layers"], "'layers'").items()},
         "format_version": version,
     }
@@ -253,13 +308,16 @@ def _layer(value: Any, name: str) -> LayerInfo:
         raise _Invalid(f"{where}: a layer name must be a module path such as 'blocks.0', not start with "
                        f"{_RESERVED_PREFIX!r} (the weights file's fingerprint entries)")
     value = _mapping(value, where)
-    _exact_keys(value, where, {"width", "kind", "gate_accuracy", "steered"})
+    _exact_keys(value, where, {"width", "kind", "gate_accuracy", "steered"}, set(_ADDED_LAYER_FIELDS))
     accuracy = value["gate_accuracy"]  # JSON has no NaN: a gate scored on no held-out prompt saves null
+    spread = value.get("gate_accuracy_std")
     return LayerInfo(
         width=_integer(value["width"], f"{where}.width", 1),
         kind=_choice(value["kind"], f"{where}.kind", ["tokens", "spatial"]),
         gate_accuracy=float("nan") if accuracy is None else _real(accuracy, f"{where}.gate_accuracy", 0.0, 1.0),
         steered=_boolean(value["steered"], f"{where}.steered"),
+        element=_integer(value.get("element", _ADDED_LAYER_FIELDS["element"]), f"{where}.element", 0),
+        gate_accuracy_std=float("nan") if spread is None else _real(spread, f"{where}.gate_accuracy_std", 0.0, 1.0),
     )
 
 

@@ -14,15 +14,15 @@ from collections.abc import Set as AbstractSet
 from dataclasses import MISSING, fields
 from numbers import Integral, Real
 
-from .config import GATINGS, SteeringConfig
+from .config import GATE_ACTIVATIONS, GATINGS, SteeringConfig
 from .maps import MAPS
 from .options import _describe, check_bool
 
 LABELS = ("source", "target", "control")
 # The SteeringConfig fields a user may pass to a fit; the others (method, base_model, fingerprint,
 # layers, ...) the fit fills in itself, and a field added to the config later is not an option by accident.
-FIT_OPTIONS = ("pca_rank", "logistic_l2", "accuracy_threshold", "held_out_fraction", "gating", "skip_first_token",
-               "lambda_floor", "clamp_to_source_range", "seed")
+FIT_OPTIONS = ("pca_rank", "logistic_l2", "accuracy_threshold", "accuracy_scaling", "held_out_fraction", "cv_folds",
+               "gating", "skip_first_token", "lambda_floor", "clamp_to_source_range", "gate_activation", "seed")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; a fit adds the prompt index to the seed
 
 
@@ -79,7 +79,7 @@ def choice(name: str, value, choices: Iterable[str]) -> str:
 
 
 def method_name(method) -> str:
-    """A map family of MAPS (`method=` of every fit)."""
+    """A registered map family (`method=` of every fit)."""
     if not isinstance(method, str) or method not in MAPS:
         raise ValueError(f"method={method!r} is unknown; choose one of {sorted(MAPS)}")
     return method
@@ -128,9 +128,18 @@ def check_fit_options(options: Mapping, caller: str, arguments: Sequence[str] = 
             checked[option] = real_number(option, value, 0.0, 1.0, fix=fix(option))
         elif option in ("held_out_fraction", "lambda_floor"):
             checked[option] = real_number(option, value, 0.0, 1.0, high_open=True, fix=fix(option))
+        elif option == "cv_folds":
+            folds = "; pass 0 (one held-out split) or a number of folds >= 2, e.g. cv_folds=4"
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"cv_folds must be an integer, got {_shown(value)}{folds}")
+            if value < 0 or value == 1:
+                raise ValueError(f"cv_folds must be 0 or >= 2, got {value!r}{folds}")
+            checked[option] = int(value)
         elif option == "gating":
             checked[option] = choice(option, value, GATINGS)
-        elif option in ("skip_first_token", "clamp_to_source_range"):
+        elif option == "gate_activation":
+            checked[option] = choice(option, value, GATE_ACTIVATIONS)
+        elif option in ("skip_first_token", "clamp_to_source_range", "accuracy_scaling"):
             checked[option] = flag(option, value)
         elif option == "seed":
             checked[option] = seed_int(option, value)
@@ -209,22 +218,9 @@ def check_example_sets(
 
 
 def _check_source_vs_control(texts: dict, keys: dict, stacklevel: int) -> None:
-    """Refuse examples in both source and control: each is labelled 'concept' and 'no concept' at
-    once, which no gate can learn, and the held-out score counts it as an error on whichever side
-    it lands [choice: refuse, not warn; it is always a mistake in the sets and easy to fix]."""
-    control = set(keys["control"])
-    if set(keys["source"]) == control:
-        raise ValueError(
-            "source and control hold the same examples, so the gate has only one class to learn from; control "
-            "must be examples WITHOUT the concept (source: with it)"
-        )
-    shared = [t for t, k in zip(texts["source"], keys["source"]) if k in control]
-    if shared:
-        raise ValueError(
-            f"{len(shared)} example(s) are in both the source and the control set, e.g. {shared[0]!r}; the gate "
-            "would learn each as both 'concept' and 'no concept'. Remove them from the set they do not belong to "
-            "(source: with the concept, control: without it)"
-        )
+    """Refuse examples in both source and control (see `_check_two_classes`); warn about source
+    examples the target set leaves unchanged."""
+    _check_two_classes(texts["source"], keys["source"], keys["control"], ("source", "control"))
     target = set(keys["target"])
     unchanged = [t for t, k in zip(texts["source"], keys["source"]) if k in target]
     if unchanged:
@@ -232,6 +228,50 @@ def _check_source_vs_control(texts: dict, keys: dict, stacklevel: int) -> None:
             f"{len(unchanged)} source example(s) are also in the target set, e.g. {unchanged[0]!r}; the map learns "
             "no change from them. Check that the target set replaces the concept in every example",
             UserWarning, stacklevel=stacklevel + 1)
+
+
+def _check_two_classes(positive: list[str], positive_keys: list, negative_keys: list, labels: tuple[str, str]) -> None:
+    """Refuse examples in both sets of a gate: each is labelled 'concept' and 'no concept' at once,
+    which no gate can learn, and the held-out score counts it as an error on whichever side it
+    lands [choice: refuse, not warn; it is always a mistake in the sets and easy to fix]."""
+    pos, neg = labels
+    negative = set(negative_keys)
+    if set(positive_keys) == negative:
+        raise ValueError(
+            f"{pos} and {neg} hold the same examples, so the gate has only one class to learn from; {neg} "
+            f"must be examples WITHOUT the concept ({pos}: with it)"
+        )
+    shared = [t for t, k in zip(positive, positive_keys) if k in negative]
+    if shared:
+        raise ValueError(
+            f"{len(shared)} example(s) are in both the {pos} and the {neg} set, e.g. {shared[0]!r}; the gate "
+            f"would learn each as both 'concept' and 'no concept'. Remove them from the set they do not belong to "
+            f"({pos}: with the concept, {neg}: without it)"
+        )
+
+
+def check_gate_sets(gate_source: Sequence, gate_control: Sequence, min_size: int = 2, pca_rank: int | None = None,
+                    key: Callable[[list[str]], list[Hashable]] | None = None,
+                    stacklevel: int = 2) -> tuple[list[str], list[str]]:
+    """(gate_source, gate_control) of a conditional steering, checked as source and control are:
+    distinct texts (duplicates dropped with a warning), no text in both, enough for the PCA."""
+    labels = ("gate_source", "gate_control")
+    texts, keys = {}, {}
+    for label, items in zip(labels, (gate_source, gate_control)):
+        texts[label] = example_list(label, items)
+        keyed = list(texts[label]) if key is None else [_hashable(k) for k in key(texts[label])]
+        given = len(texts[label])
+        texts[label], keys[label] = drop_duplicates(label, texts[label], keyed, stacklevel + 1)
+        if len(texts[label]) < min_size:
+            dropped = f" ({given - len(texts[label])} duplicate(s) dropped)" if len(texts[label]) < given else ""
+            raise ValueError(f"the {label} set has {len(texts[label])} distinct example(s){dropped}; pass at least "
+                             f"{min_size}")
+    _check_two_classes(texts["gate_source"], keys["gate_source"], keys["gate_control"], labels)
+    if isinstance(pca_rank, int) and len(texts["gate_source"]) + len(texts["gate_control"]) < pca_rank:
+        raise ValueError(f"pca_rank={pca_rank} needs at least {pca_rank} gate_source + gate_control examples, got "
+                         f"{len(texts['gate_source']) + len(texts['gate_control'])} distinct ones; pass more "
+                         "examples or a lower pca_rank")
+    return texts["gate_source"], texts["gate_control"]
 
 
 def _hashable(key) -> Hashable:

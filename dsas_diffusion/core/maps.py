@@ -2,7 +2,9 @@
 
 Every map is fitted from source (S) and target (T) activations of shape (N, D), where D is the
 channel / hidden axis, and exposes `delta(x) = T(x) - x` for x of shape (..., D). Maps are
-stored as named tensors so a `Steering` can save them to safetensors without pickle.
+stored as named tensors so a `Steering` can save them to safetensors without pickle. Each family
+registers its method name(s) (core/registry.py) and says which of the two run-time forms its
+delta takes (`delta_form`): a constant shift, or `alpha + slope * clamp(x, lo, hi)`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from .linear_probe import fit_logistic_regression
+from .registry import MAPS, map_class, register_map  # noqa: F401  (MAPS and map_class re-exported)
 
 
 @dataclass
@@ -20,12 +23,25 @@ class SteeringMap:
     """Base class: subclasses are dataclasses whose fields are all tensors of shape (D,)."""
 
     method: ClassVar[str]
+    # True: `fit` gives the identity, the start of training through the model (core/learned.py)
+    learned: ClassVar[bool] = False
 
     @classmethod
     def fit(cls, source: torch.Tensor, target: torch.Tensor, **options) -> "SteeringMap":
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scaled(self, factor: float) -> "SteeringMap":
+        """The map of the same family whose delta is `factor * delta` (used to weigh a layer by its
+        gate's accuracy, so the run time pays nothing for it)."""
+        raise NotImplementedError
+
+    def delta_form(self) -> tuple:
+        """`("shift", shift)` for delta(x) = shift, or `("affine", alpha, slope, lo, hi)` for
+        delta(x) = alpha + slope * clamp(x, lo, hi), lo / hi None when unbounded: the two forms
+        the fused run-time op computes."""
         raise NotImplementedError
 
     @property
@@ -81,6 +97,7 @@ class SteeringMap:
         return type(self)(**{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()})
 
 
+@register_map("mean_shift", "mean_act")
 @dataclass
 class MeanShift(SteeringMap):
     """CAA / ActAdd: T(x) = x + v with v = mean(T) - mean(S). Mean-AcT is the same map."""
@@ -95,6 +112,12 @@ class MeanShift(SteeringMap):
     def delta(self, x):
         return self.shift
 
+    def scaled(self, factor):
+        return self if factor == 1 else type(self)(shift=self.shift * factor)
+
+    def delta_form(self):
+        return ("shift", self.shift)
+
 
 def _quantile_grid(sorted_x: torch.Tensor, n: int) -> torch.Tensor:
     """Values of the empirical quantile function of each column at n evenly spaced levels."""
@@ -108,6 +131,7 @@ def _quantile_grid(sorted_x: torch.Tensor, n: int) -> torch.Tensor:
     return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
 
 
+@register_map("linear_act")
 @dataclass
 class LinearAcT(SteeringMap):
     """Linear-AcT: per unit, the affine 1-D optimal transport map T(x) = beta * x + alpha.
@@ -155,7 +179,50 @@ class LinearAcT(SteeringMap):
         xc = torch.clamp(x, self.lo, self.hi)
         return torch.addcmul(self.alpha, self._slope, xc)
 
+    def scaled(self, factor):
+        if factor == 1:
+            return self
+        return type(self)(beta=1 + factor * self._slope, alpha=self.alpha * factor, lo=self.lo, hi=self.hi)
 
+    def delta_form(self):
+        unbounded = bool(torch.isinf(self.lo).all() and torch.isinf(self.hi).all())
+        return ("affine", self.alpha, self._slope, None if unbounded else self.lo, None if unbounded else self.hi)
+
+
+@register_map("lineas")
+@dataclass
+class LinEAS(SteeringMap):
+    """LinEAS: per unit T(z) = weight * z + bias, every layer's map learned jointly through the
+    model (core/learned.py). `fit` gives the identity, where that training starts (as the authors'
+    code does); the map is applied at every position, unclamped."""
+
+    method: ClassVar[str] = "lineas"
+    learned: ClassVar[bool] = True
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def fit(cls, source, target, **options):
+        return cls.identity(source.shape[1])
+
+    @classmethod
+    def identity(cls, width: int) -> "LinEAS":
+        return cls(weight=torch.ones(width), bias=torch.zeros(width))
+
+    def __post_init__(self):
+        self._slope = self.weight - 1
+
+    def delta(self, x):
+        return torch.addcmul(self.bias, self._slope, x)
+
+    def scaled(self, factor):
+        return self if factor == 1 else type(self)(weight=1 + factor * self._slope, bias=self.bias * factor)
+
+    def delta_form(self):
+        return ("affine", self.bias, self._slope, None, None)
+
+
+@register_map("iti")
 @dataclass
 class ITIC(SteeringMap):
     """ITI-C: T(x) = x + sigma * theta, theta the unit normal of a logistic probe S -> T."""
@@ -182,13 +249,8 @@ class ITIC(SteeringMap):
     def delta(self, x):
         return self.shift
 
+    def scaled(self, factor):
+        return self if factor == 1 else type(self)(shift=self.shift * factor)
 
-MAPS: dict[str, type[SteeringMap]] = {"mean_shift": MeanShift, "mean_act": MeanShift,
-                                      "linear_act": LinearAcT, "iti": ITIC}
-
-
-def map_class(method: str) -> type[SteeringMap]:
-    try:
-        return MAPS[method]
-    except KeyError:
-        raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(MAPS)}") from None
+    def delta_form(self):
+        return ("shift", self.shift)

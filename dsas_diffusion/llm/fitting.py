@@ -5,7 +5,9 @@
    at every chosen layer, each text's mean activation over its real tokens (padding excluded).
    Right padding keeps every token at its own position, so a text's activations do not depend
    on the batch it was run in.
-3. Fit one map (source -> target) and one gate (source vs control) per layer.
+3. Fit one map (source -> target) and one gate (source vs control, or gate_source vs
+   gate_control) per layer; learned maps (LinEAS) and end-to-end gates are then trained
+   through the model (core/learned.py) on batches of the same texts.
 
 Layer names are the model's own module names (prefix ""), as `Steering.attach(model)` expects.
 """
@@ -22,7 +24,11 @@ from tqdm.auto import tqdm
 
 from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, fit_from_activations
 from ..core.fingerprint import fingerprint
-from ..core.fit_inputs import check_fit_options, flag, layer_pattern, method_name, positive_int
+from ..core.fit_inputs import (check_fit_options, check_gate_sets, choice, flag, layer_pattern, method_name,
+                               positive_int)
+from ..core.learned import training_options, train_steering
+from ..core.maps import map_class
+from ..core.registry import gate_kinds
 from ..core.modules import check_weights_loaded
 from .sequence import causal_lm_pre_forward
 from .targets import resolve_layers
@@ -81,6 +87,21 @@ def _eval_mode(model: nn.Module):
             m.training = training
 
 
+@contextmanager
+def _frozen(model: nn.Module):
+    """The model's own parameters out of autograd while steering is learned through it (only the
+    steering's tensors are trained; the graph then keeps nothing for the weights' gradients);
+    restored afterwards."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def _device(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -97,6 +118,20 @@ def pad_right(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[row, :len(ids)] = 1
     return input_ids, mask
+
+
+def _runner(model: nn.Module, encoded: dict[str, list[list[int]]], pad_id: int):
+    """`run(label, rows)` for core/learned.py: one right-padded forward of those texts, with gradients."""
+    device = _device(model)
+    extra = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+
+    def run(label: str, rows) -> None:
+        input_ids, mask = pad_right([encoded[label][i] for i in rows], pad_id)
+        model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **extra)
+
+    return run
 
 
 @torch.no_grad()
@@ -123,6 +158,11 @@ def fit_steering(
     control: Sequence[str],
     method: str = "mean_shift",
     *,
+    gates: str = "two_stage",
+    gate_source: Sequence[str] | None = None,
+    gate_control: Sequence[str] | None = None,
+    training: dict | None = None,
+    incremental: bool = False,
     layers: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
@@ -140,12 +180,43 @@ def fit_steering(
     Texts that tokenize alike are dropped as duplicates (with a warning) before the held-out split,
     and a text in both source and control is refused. Every argument is checked before the model runs.
     Attach the result with `dsas_diffusion.llm.attach(steering, model)`.
+
+    - `method="lineas"`: per-unit affine maps at every layer, learned jointly through the model
+      (core/learned.py); with the default two-stage gates this is LinEAS + DSAS, and attached with
+      `gated=False` plain LinEAS.
+    - `gates="e2e"`: the gates are learned through the model with the maps (or alone, for a
+      closed-form map), starting from the two-stage ones; `gate_activation="relu"` learns ReLU gates.
+    - `gate_source` / `gate_control`: fit the gates on these texts instead (a conditional steering:
+      the map of source -> target applied where the gate of another concept fires).
+    - `training`: options of the learning (`core.learned.TrainingOptions`: steps, lr, batch_size,
+      control_weight, sparsity, patience, min_improvement), e.g. `training={"steps": 200}`.
+    - `incremental=True`: as AcT fits, each layer's map (closed-form families) is fitted on source
+      activations already steered, plainly, by the maps of the layers before it: one more pass of
+      the source texts per layer. The gates are fitted on unsteered activations either way.
     """
     # 1. inputs, before the model runs
     check_model_and_tokenizer(model, tokenizer)
     method = method_name(method)
-    config_options = check_fit_options(config_options, "fit_steering", ("layers", "batch_size", "progress"))
+    config_options = check_fit_options(config_options, "fit_steering", ("gates", "gate_source", "gate_control",
+                                                                         "training", "incremental", "layers",
+                                                                         "batch_size", "progress"))
     config_options.setdefault("gating", "causal")
+    gates = choice("gates", gates, gate_kinds())
+    learned = map_class(method).learned or gates == "e2e"
+    if training is not None and not learned:
+        raise ValueError(f"training options apply to what is learned through the model (method='lineas' or "
+                         f"gates='e2e'); method={method!r} with gates={gates!r} learns nothing: drop training=")
+    options = training_options(training)
+    incremental = flag("incremental", incremental)
+    if incremental and map_class(method).learned:
+        raise ValueError(f"incremental=True refits closed-form maps layer by layer; method={method!r} is learned "
+                         "through the model, every layer on activations steered by the layers before it already: "
+                         "drop incremental=True")
+    conditional = gate_source is not None or gate_control is not None
+    if conditional and gates == "e2e":
+        raise ValueError("gate_source / gate_control give two-stage gates of another concept; end-to-end gates "
+                         "learn from source, target and control alone. Pass gates='two_stage' for a conditional "
+                         "steering, or drop gate_source / gate_control")
     batch_size = positive_int("batch_size", batch_size)
     progress = flag("progress", progress)
     layer_pattern("layers", layers, allow_none=True, fix="layers='residual' (a preset: the output of every decoder "
@@ -155,8 +226,14 @@ def fit_steering(
     source, target, control = check_example_sets(
         source, target, control, pca_rank=config_options.get("pca_rank", 5),
         key=lambda texts: tokenizer(texts)["input_ids"], stacklevel=2)
+    if conditional:
+        gate_source, gate_control = check_gate_sets(
+            source if gate_source is None else gate_source, control if gate_control is None else gate_control,
+            pca_rank=config_options.get("pca_rank", 5), key=lambda texts: tokenizer(texts)["input_ids"], stacklevel=2)
     pattern, names = resolve_layers(model, layers)
     sets = {"source": source, "target": target, "control": control}
+    if conditional:
+        sets.update(gate_source=gate_source, gate_control=gate_control)
     encoded = {label: tokenizer(list(texts))["input_ids"] for label, texts in sets.items()}
     for label, texts in sets.items():
         check_text_lengths(texts, encoded[label], model, label)
@@ -166,13 +243,46 @@ def fit_steering(
         base_model=getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
         fingerprint={"": info},
         targets={"": pattern},
-        num_examples={"source": len(source), "target": len(target), "control": len(control)},
+        gates=gates,
+        incremental=incremental,
+        num_examples={label: len(texts) for label, texts in sets.items()},
         **config_options,
     )
 
-    # 2. pooled activations of the three sets
-    acts = [collect_activations(model, encoded[label], tokenizer.pad_token_id, names, batch_size, f"{label} texts",
-                                progress) for label in sets]
+    # 2. pooled activations of every set
+    acts = {label: collect_activations(model, encoded[label], tokenizer.pad_token_id, names, batch_size,
+                                       f"{label} texts", progress) for label in sets}
 
-    # 3. maps and gates
-    return fit_from_activations(*acts, config, probes={"": probe}, progress=progress)
+    # 3. maps and gates, then what is learned through the model or refitted incrementally
+    def refine(steering: Steering) -> Steering:
+        if incremental:
+            steering = refit_incrementally(steering, model, encoded["source"], tokenizer.pad_token_id,
+                                           acts["target"], batch_size, progress)
+        if learned:
+            target = {n: a.to(_device(model)) for n, a in acts["target"].items()}
+            with _eval_mode(model), _frozen(model), torch.enable_grad():
+                steering, _ = train_steering(steering, model, _runner(model, encoded, tokenizer.pad_token_id),
+                                             {"source": len(source), "control": len(control)}, target, options,
+                                             pre_forward=causal_lm_pre_forward(model), progress=progress)
+        return steering
+
+    return fit_from_activations(acts["source"], acts["target"], acts["control"], config, probes={"": probe},
+                                progress=progress, gate_source=acts.get("gate_source"),
+                                gate_control=acts.get("gate_control"),
+                                refine=refine if learned or incremental else None)
+
+
+def refit_incrementally(steering: Steering, model: nn.Module, source_ids: list[list[int]], pad_id: int,
+                        target: dict[str, torch.Tensor], batch_size: int, progress: bool = True) -> Steering:
+    """The maps refitted in layer order, each on the source activations the model produces with
+    the (refitted) maps of the layers before it attached plainly (lambda = 1, strength 1)."""
+    config = steering.config
+    mcls = map_class(config.method)
+    maps = dict(steering.maps)
+    for i, name in enumerate(tqdm(steering.layers[1:], desc="refitting layers", leave=False, disable=not progress)):
+        upstream = Steering(config, maps, steering.gates, steering.probes)
+        with upstream.attach(model, layers=steering.layers[:i + 1], gated=False, check_model=False):
+            source = collect_activations(model, source_ids, pad_id, [name], batch_size, progress=False)[name]
+        maps[name] = mcls.fit(source, target[name], clamp_to_source_range=config.clamp_to_source_range,
+                              logistic_l2=config.logistic_l2)
+    return Steering(config, maps, steering.gates, steering.probes)

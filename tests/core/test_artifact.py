@@ -22,6 +22,7 @@ import torch
 
 from dsas_diffusion import Steering
 from dsas_diffusion.core.artifact import PAUSE_ENV, SAVE_STEPS
+from dsas_diffusion.core.config import FORMAT_VERSION
 from tests.core.test_steering import Tiny, fitted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,7 +247,7 @@ def test_the_config_names_the_digest_of_its_weights_and_a_save_does_not_touch_th
     before = steering.config.to_dict()
     steering.save_pretrained(tmp_path)
     doc = json.loads((tmp_path / "steering_config.json").read_text())
-    assert doc["format_version"] == 2
+    assert doc["format_version"] == FORMAT_VERSION
     assert doc["weights_sha256"] == hashlib.sha256((tmp_path / "steering.safetensors").read_bytes()).hexdigest()
     assert steering.config.to_dict() == before
 
@@ -273,8 +274,8 @@ def test_format_1_folders_still_load_without_the_digest_check(tmp_path):
     with legacy.attach(model) as h:
         model(source)
     assert h.scales
-    legacy.save_pretrained(tmp_path / "again")  # saved again, it is a format 2 folder
-    assert json.loads((tmp_path / "again" / "steering_config.json").read_text())["format_version"] == 2
+    legacy.save_pretrained(tmp_path / "again")  # saved again, it is a folder of the current format
+    assert json.loads((tmp_path / "again" / "steering_config.json").read_text())["format_version"] == FORMAT_VERSION
     assert same(Steering.from_pretrained(tmp_path / "again"), legacy)
     doc["weights_sha256"] = "0" * 64  # a digest in a format 1 file is not a format 1 file
     path.write_text(json.dumps(doc))

@@ -67,7 +67,7 @@ JSON_CASES = [
     ("gate-accuracy-above-one", ("layers", L0, "gate_accuracy"), 1.7,
      r"layers\['blocks.0'\]\.gate_accuracy must be a finite number in \[0.0, 1.0\]"),
     ("unknown-method", ("method",), "magic",
-     r"'method' must be one of \['iti', 'linear_act', 'mean_act', 'mean_shift'\], got 'magic'"),
+     r"'method' must be one of \['iti', 'linear_act', 'lineas', 'mean_act', 'mean_shift'\], got 'magic'"),
     ("method-as-list", ("method",), ["linear_act"],
      r"'method' must be a string, got \['linear_act'\] \(a JSON array\)"),
     ("unknown-gating", ("gating",), "per-token",

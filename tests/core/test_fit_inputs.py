@@ -71,6 +71,15 @@ LM_CASES = [
     ("source", {"i see a banana", "i see a red banana"}, TypeError),
     ("source", [1, 2, 3], TypeError),
     ("control", None, TypeError),
+    ("cv_folds", 1, ValueError),
+    ("cv_folds", -2, ValueError),
+    ("cv_folds", 4.0, TypeError),
+    ("gate_activation", "tanh", ValueError),
+    ("gates", "learned", ValueError),
+    ("gate_source", "a banana", TypeError),
+    ("gate_control", [1, 2], TypeError),
+    ("training", {"steps": -1}, ValueError),
+    ("incremental", "yes", TypeError),
 ]
 
 

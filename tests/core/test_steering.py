@@ -10,6 +10,7 @@ from torch import nn
 
 from dsas_diffusion import Steering, SteeringConfig
 from dsas_diffusion.core import ActivationCapture, fit_from_activations
+from dsas_diffusion.core.config import FORMAT_VERSION
 from dsas_diffusion.core.fingerprint import fingerprint
 
 
@@ -98,7 +99,7 @@ def test_save_load_round_trip(tmp_path):
         b = model(source)
     assert torch.equal(a, b)
     config = json.loads((tmp_path / "s" / "steering_config.json").read_text())
-    assert config["format_version"] == 2 and config["method"] == "linear_act"
+    assert config["format_version"] == FORMAT_VERSION and config["method"] == "linear_act"
 
 
 def test_refuses_a_model_with_other_sizes_or_weights():
