@@ -39,7 +39,7 @@ class SteeringCall(CallState):
 
     def __init__(self):
         super().__init__()
-        self.overrides: tuple[float, bool, bool] | None = None  # (strength, gated, record_scales); None: the handle's
+        self.run = None  # the options this thread's calls run with (`runtime._Run`): the handle's, or its own
         self.continuing = False  # this call extends the sequence of the previous one (KV cache)
         self.length: int | None = None  # tokens of that sequence after the last call; None: unknown
         self.running: dict[str, State] = {}

@@ -66,10 +66,12 @@ class HookSet:
     never see each other's.
     """
 
-    def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model"):
+    def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model",
+                 elements: dict[str, int] | None = None):
         check_not_compiled(root, what)
         self.root = root
         self.modules = {n: get_module(root, n, what) for n in names}
+        self.elements = dict(elements or {})  # {name: i}: read and replace output[i] of a tuple output, not output[0]
         self._local = _PerThread(self._new_call_state)
         self._pre_forward = pre_forward
         self._handles: list = []
@@ -102,16 +104,23 @@ class HookSet:
         self._handles.append(self.root.register_forward_pre_hook(
             lambda m, args, kwargs: self._begin_call(args, kwargs), with_kwargs=True))
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            # first among the module's forward hooks, whenever they were added: whoever else reads the layer's
+            # output (transformers 5 records `hidden_states` with hooks installed at a model's first forward;
+            # SDXL and SD3 read CLIP's hidden_states[-2]) sees it steered
+            self._handles.append(module.register_forward_hook(self._make_hook(name), prepend=True))
 
     def _make_hook(self, name: str):
+        element = self.elements.get(name, 0)
+
         def hook(module, args, output):
-            x = layer_activation(name, module, output)  # refuses a ModelOutput, a dict, ... by name
+            x = layer_activation(name, module, output, element)  # refuses a ModelOutput, a dict, ... by name
             if isinstance(output, (tuple, list)):
                 new = self._on_output(name, x)
                 if new is None:
                     return None
-                return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
+                out = list(output)
+                out[element] = new
+                return tuple(out) if isinstance(output, tuple) else out
             return self._on_output(name, x)
         return hook
 
@@ -146,8 +155,8 @@ class ActivationCapture(HookSet):
     (examples, tokens, D) activations.
     """
 
-    def __init__(self, root, names, pre_forward=None, what="model"):
-        super().__init__(root, names, pre_forward, what)
+    def __init__(self, root, names, pre_forward=None, what="model", elements=None):
+        super().__init__(root, names, pre_forward, what, elements)
         self.pooled: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._attach()
 

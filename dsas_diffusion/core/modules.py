@@ -101,18 +101,21 @@ def _describe(output) -> str:
     return f"a {type(output).__name__}"
 
 
-def layer_activation(name: str, module: nn.Module, output) -> torch.Tensor:
-    """The activation a hook reads and replaces (a tensor, or the first element of a tuple or of a
-    list: OpenAI-GPT's blocks return one), refused with the module's name and what to pick instead
-    when the module returns anything else."""
-    x = output[0] if isinstance(output, (tuple, list)) and output else output
+def layer_activation(name: str, module: nn.Module, output, element: int = 0) -> torch.Tensor:
+    """The activation a hook reads and replaces (a tensor, or element `element` of a tuple or of a
+    list: OpenAI-GPT's blocks return one, SD3 / FLUX joint blocks return (text, image)), refused with
+    the module's name and what to pick instead when the module returns anything else."""
+    if isinstance(output, (tuple, list)):
+        x = output[element] if len(output) > element else None
+    else:
+        x = output
     if isinstance(x, torch.Tensor) and x.is_floating_point() and 2 <= x.dim() <= 4:
         return x
     if isinstance(x, torch.Tensor):
         got = f"a {x.dtype} tensor of shape {tuple(x.shape)}"
         need = "floating activations of shape (batch, tokens, width), (batch, width) or (batch, channels, H, W)"
     else:
-        got, need = _describe(output), "a tensor (or a tuple whose first element is one)"
+        got, need = _describe(output), f"a tensor (or a tuple whose element {element} is one)"
     suggestions = _suggested_patterns(module, name)
     shown = ", ".join("r'" + s + "'" for s in suggestions)  # as the user would type them
     instead = f"e.g. {shown}" if suggestions else "its parent block or a neighbouring projection"

@@ -176,6 +176,7 @@ class _CheckedOption:
 
     def __set__(self, obj, value) -> None:
         setattr(obj, self.private, self.check(value, self.name))
+        obj._options_changed()
 
 
 class RunOptionAttributes:
@@ -200,3 +201,7 @@ class RunOptionAttributes:
             raise TypeError(f"options must be a RunOptions, got {_describe(value)}")
         for name in _CHECKS:  # a RunOptions holds checked values already
             setattr(self, f"_{name}", getattr(value, name))
+        self._options_changed()
+
+    def _options_changed(self) -> None:
+        """Called after any option changes: a subclass keeps derived state (a tensor of the strength) here."""

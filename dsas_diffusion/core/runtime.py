@@ -6,9 +6,13 @@ the scalar projections, and a KV-cached token updates a running (mean, count) pe
 
 What depends only on the positions of a call (real tokens, running counts, the masks of the first
 token and of leading padding) is the same for every hooked layer, so it is computed once per
-forward call (`positions`) and each layer pays only its own few ops (`layer_lambdas`): on a
-cached decoding step with a mean shift, a dot product, a lerp, a sigmoid and one addcmul.
-No host-device synchronisation and no Python loop over positions happen on this path.
+forward call (`positions`) and each layer pays only its own op (`fused.steer_layer`: one Triton
+kernel on CUDA; on a CPU a dot product, a lerp, a sigmoid and one addcmul on a cached decoding
+step). No host-device synchronisation and no Python loop over positions happen on this path.
+
+Under torch.compile nothing on this path is a guard that changes between calls or steps: the
+strength is a tensor (`_Run`), recorded lambdas leave the graph through one op (`recorder`), the
+per-call cache holds no tensor identities, and the running state keeps one layout.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import torch.nn.functional as F
 
 from .call_state import Sequence, SteeringCall, State, joined
 from .config import Gating, LayerKind
+from .fused import lambdas, map_terms, steer_layer
 from .gate import Gate
 from .hooks import HookSet, PreForward, as_tokens
 from .maps import SteeringMap
 from .options import RunOptionAttributes, RunOptions, check_bool, check_strength
+from .recorder import Recorder
 
 if TYPE_CHECKING:
     from .steering import Steering
@@ -105,41 +111,12 @@ def layer_lambdas(
     kind: LayerKind = "tokens",
     floor: float = 0.0,
     prior_mean: torch.Tensor | None = None,
+    activation: str = "sigmoid",
 ) -> tuple[torch.Tensor, State]:
-    """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and its new state.
-
-    The state is the running mean of the logits, not their sum: the pooled and causal logits are
-    that mean already, so keeping it costs nothing, and a cached token moves it in one lerp.
-    """
-    k = proj.shape[1]
-    token = gating == "token"
-    if pos.step is not None and prior_mean is not None:  # a cached decoding step
-        mean = torch.lerp(prior_mean, proj, pos.step)
-        logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
-    else:
-        pv = proj if pos.valid is None else proj * pos.valid
-        if gating == "causal" and kind != "spatial":
-            run = pv if k == 1 else pv.cumsum(1)
-            if prior_mean is not None:
-                run = torch.addcmul(run, prior_mean, pos.prior)
-            logits = run / pos.seen
-            mean = logits[:, -1:]  # the causal mean at the last position is the mean of all so far
-        else:
-            total = pv if k == 1 else pv.sum(1, keepdim=True)
-            if prior_mean is not None:
-                total = torch.addcmul(total, prior_mean, pos.prior)
-            mean = total / pos.divisor
-            # images cannot be read causally: their mean decides, one sigmoid per row broadcast at the end
-            logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
-    lam = torch.sigmoid(logits)
-    if floor > 0:
-        lam = lam.masked_fill(lam < floor, 0.0)
-    if pos.drop is not None:
-        lam = lam.masked_fill(pos.drop, 0.0)
-    if pos.rows is not None:
-        lam = lam * pos.rows
-    if lam.shape[1] != k:
-        lam = lam.expand(-1, k, -1)
+    """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and its new
+    state (running mean of the logits, count): `fused.lambdas`, the composite the fused op follows."""
+    lam, mean = lambdas(proj, pos, gating=gating, kind=kind, floor=floor, prior_mean=prior_mean,
+                        activation=activation)
     return lam, (mean, pos.count)
 
 
@@ -153,6 +130,7 @@ def gate_lambdas(
     floor: float = 0.0,
     prior: State | None = None,
     starts: bool = True,
+    activation: str = "sigmoid",
 ) -> tuple[torch.Tensor, State]:
     """Lambdas (B, K) from gate logits `proj` (B, K) (bias included), and the updated running state.
 
@@ -166,29 +144,67 @@ def gate_lambdas(
     pos = positions(proj.shape[0], proj.shape[1], proj.device, gating=gating, kind=kind, valid=valid,
                     skip_first=skip_first, prior_count=None if prior is None else prior[1], starts=starts)
     lam, state = layer_lambdas(proj, pos, gating=gating, kind=kind, floor=floor,
-                               prior_mean=None if prior is None else prior[0])
+                               prior_mean=None if prior is None else prior[0], activation=activation)
     return lam.squeeze(-1), state
 
 
 class _LayerRuntime:
     """One layer's map and gate, cast lazily to the device and dtype of its activations."""
 
-    def __init__(self, map_: SteeringMap, gate: Gate, kind: LayerKind, steered: bool):
-        self.map, self.gate, self.kind, self.steered = map_, gate, kind, steered
+    def __init__(self, map_: SteeringMap, gate: Gate, kind: LayerKind, steered: bool, element: int,
+                 recorder: Recorder):
+        self.map, self.gate, self.kind, self.steered, self.element = map_, gate, kind, steered, element
         self.width = map_.width
+        self.recorder = recorder
         self._cast: dict = {}
-        self._last: tuple | None = None
 
-    def on(self, x: torch.Tensor) -> tuple[SteeringMap, torch.Tensor, torch.Tensor]:
-        last = self._last
-        if last is not None and last[0] is x.dtype and last[1] == x.device:  # the hot path: as last call
-            return last[2]
+    def on(self, x: torch.Tensor) -> tuple:
+        """(map, gate weight (1, D), gate bias (1,), the map's fused form or None) for activations like `x`."""
         key = (x.device, x.dtype)
-        if key not in self._cast:
-            self._cast[key] = (self.map.to(x.device, x.dtype), self.gate.weight.to(x.device, x.dtype).view(1, -1),
-                               self.gate.bias.to(x.device, x.dtype).view(1))
-        self._last = (x.dtype, x.device, self._cast[key])
-        return self._cast[key]
+        hit = self._cast.get(key)
+        if hit is not None:
+            return hit
+        # the gate in float32 whatever the model's dtype: in bfloat16 its logits would move lambdas by up to 0.16
+        map_ = self.map.to(x.device, x.dtype)
+        cast = (map_, self.gate.weight.to(x.device, torch.float32).view(1, -1),
+                self.gate.bias.to(x.device, torch.float32).view(1), map_terms(map_))
+        if not torch.compiler.is_compiling():  # a cache filled while tracing would be a guard that fails next call
+            self._cast[key] = cast
+        return cast
+
+
+class _Run:
+    """The options a hook reads, in the form a compiled graph can take without specialising:
+    `strength` is a 0-dim float32 tensor per device (a Python float would be a constant of the
+    graph, one graph per value), updated in place; `active` (strength != 0) is the only thing
+    about it a graph may branch on.
+
+    A thread's calls read `call.run`: the handle's own `_Run` (one object, changed in place when an
+    option is assigned) or, inside `local_options`, one of the thread's own. Always an object of
+    this class, so a graph never branches on whether a thread has overrides."""
+
+    __slots__ = ("active", "strength", "gated", "record")
+
+    def __init__(self, strength: float, gated: bool, record: bool, devices):
+        self.strength = {d: torch.tensor(strength, dtype=torch.float32, device=d) for d in devices}
+        self.set(strength, gated, record)
+
+    def set(self, strength: float, gated: bool, record: bool) -> None:
+        for t in self.strength.values():
+            t.fill_(strength)
+        self.active, self.gated, self.record = strength != 0, gated, record
+
+    @property
+    def value(self) -> float:
+        return next(iter(self.strength.values())).item()
+
+    def strength_on(self, device: torch.device) -> torch.Tensor:
+        s = self.strength.get(device)
+        if s is None:  # a device the model was not on when the options were set: made once
+            s = next(iter(self.strength.values())).to(device)
+            if not torch.compiler.is_compiling():
+                self.strength[device] = s
+        return s
 
 
 class SteeringHandle(RunOptionAttributes, HookSet):
@@ -221,6 +237,8 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         what: str = "model",
     ):
         cfg = steering.config
+        self._devices = _devices_of(root)
+        self._activation = cfg.gate_activation
         # checked once here; later assignments (handle.strength = x) are checked by RunOptionAttributes
         self.options = RunOptions.from_config(cfg, strength=strength, gated=gated, gating=gating,
                                               lambda_floor=lambda_floor, skip_first_token=skip_first_token,
@@ -229,10 +247,30 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         self.track_running = False  # set by integrations whose calls continue a sequence (KV cache)
         self.layer_names = {local: full for full, local in names.items()}
         self._layers = {
-            local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind, cfg.layers[full].steered)
+            local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind,
+                                 cfg.layers[full].steered, getattr(cfg.layers[full], "element", 0),
+                                 Recorder(self._history_of(local)))
             for full, local in names.items()
         }
+        self.elements = {local: layer.element for local, layer in self._layers.items() if layer.element}
         self._attach()
+
+    def _history_of(self, local: str):
+        """Where a compiled graph's `dsas::record` puts this layer's lambdas when it runs: the list of
+        the thread running it, or nowhere while that thread's calls are switched off."""
+        def target():
+            call = self._local.call
+            return call.history[local] if call.run.active else None
+        return target
+
+    def _options_changed(self) -> None:
+        """Keep the hooks' compiled-graph-friendly view of the options (`_Run`) in step with them."""
+        if not hasattr(self, "_record_scales"):  # the first assignment sets them one by one
+            return
+        if hasattr(self, "_run"):
+            self._run.set(self._strength, self._gated, self._record_scales)
+        else:
+            self._run = _Run(self._strength, self._gated, self._record_scales, self._devices)
 
     def detach(self):
         self.remove()
@@ -245,7 +283,9 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         call.rows = None
 
     def _new_call_state(self) -> SteeringCall:
-        return SteeringCall()
+        call = SteeringCall()
+        call.run = self._run
+        return call
 
     # this thread's state, under the names integrations and tests have always used
     @property
@@ -279,15 +319,15 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         handle, and every other thread's calls through it, as they were. A pipeline keeps its hooks
         at strength 0 and switches them on this way for its own call only."""
         call = self._local.call
-        saved = call.overrides
-        base = saved if saved is not None else (self.strength, self.gated, self.record_scales)
-        call.overrides = (base[0] if strength is None else check_strength(strength, "strength"),
-                          base[1] if gated is None else check_bool(gated, "gated"),
-                          base[2] if record_scales is None else check_bool(record_scales, "record_scales"))
+        saved = call.run
+        now = saved.value if strength is None else check_strength(strength, "strength")
+        call.run = _Run(now, saved.gated if gated is None else check_bool(gated, "gated"),
+                        saved.record if record_scales is None else check_bool(record_scales, "record_scales"),
+                        self._devices)
         try:
             yield self
         finally:
-            call.overrides = saved
+            call.run = saved
 
     def sequence_call(self, past: int, new: int | None) -> SteeringCall:
         """Called by a causal-LM `pre_forward` before each forward of `new` tokens after `past` cached
@@ -325,26 +365,28 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         super()._begin_call(args, kwargs)
 
     def _positions(self, call: SteeringCall, kind: LayerKind, tokens: torch.Tensor, prior: State | None) -> Positions:
-        """This call's `Positions`, computed by the first layer that needs them and shared by the rest."""
+        """This call's `Positions`, computed by the first layer that needs them and shared by the rest.
+        The cache is emptied when a call begins (and when the rows or length it depends on move); its
+        key holds no tensor identity, which a compiled graph would have to guard on."""
         b, k = tokens.shape[:2]
-        prior_count = None if prior is None else prior[1]
-        key = (kind, b, k, id(prior_count))  # one call runs on one device
-        hit = call.positions.get(key)
-        # the entry holds the tensors it was computed from, so their ids cannot be reused while it lives
-        if hit is not None and hit[0] is call.valid and hit[1] is call.rows and hit[2] is prior_count:
-            return hit[3]
-        pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
-                        skip_first=self._skip_first_token, prior_count=prior_count,
-                        starts=not (self.track_running and call.continuing), rows=call.rows)
-        call.positions[key] = (call.valid, call.rows, prior_count, pos)
+        key = (kind, b, k, prior is None)  # one call runs on one device
+        pos = call.positions.get(key)
+        if pos is None:
+            pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
+                            skip_first=self._skip_first_token, prior_count=None if prior is None else prior[1],
+                            starts=not (self.track_running and call.continuing), rows=call.rows)
+            call.positions[key] = pos
         return pos
 
     def _on_output(self, name, x):
         call = self._local.call  # the state of the thread running this forward
         layer = self._layers[name]
-        overrides = call.overrides
-        strength, gated, record = (self._strength, self._gated, self._record_scales) if overrides is None else overrides
-        if strength == 0 or (gated and not layer.steered):
+        run = call.run
+        # compiled without a running state, the graph steers and then chooses the result by the strength
+        # tensor (torch.where: bit-identical to not steering at 0), so switching a call on and off (a
+        # pipeline's positive and negative prompts) does not make a graph of its own
+        select = not self.track_running and torch.compiler.is_compiling()
+        if not (select or run.active) or (run.gated and not layer.steered):
             return None
         tokens, restore = (x, None) if x.dim() == 3 else as_tokens(x)
         if tokens.shape[-1] != layer.width:
@@ -352,25 +394,41 @@ class SteeringHandle(RunOptionAttributes, HookSet):
                 f"layer {self.layer_names[name]!r} produces activations of width {tokens.shape[-1]}, but the steering "
                 f"was fitted on width {layer.width}: it belongs to another model; fit it again on this one"
             )
-        map_, weight, bias = layer.on(tokens)
-        if gated:
+        map_, weight, bias, terms = layer.on(tokens)
+        strength = run.strength_on(tokens.device)
+        out = None
+        if run.gated:
             prior = call.running.get(name) if self.track_running else None
             pos = self._positions(call, layer.kind, tokens, prior)
-            proj = F.linear(tokens, weight, bias)  # (B, K, 1); in half precision the bias is rounded too
-            if proj.dtype is not torch.float32:
-                proj = proj.float()
-            lam, state = layer_lambdas(proj, pos, gating=self._gating, kind=layer.kind,
-                                       floor=self._lambda_floor, prior_mean=None if prior is None else prior[0])
+            options = dict(gating=self._gating, kind=layer.kind, floor=self._lambda_floor,
+                           prior_mean=None if prior is None else prior[0], activation=self._activation)
+            if terms is not None:  # one op: gate, lambdas, map and blend (a Triton kernel on CUDA)
+                out, lam, mean, proj = steer_layer(tokens, weight, bias, strength, terms, pos, **options)
+            else:
+                proj = F.linear(tokens if tokens.dtype is torch.float32 else tokens.float(), weight, bias)  # (B, K, 1)
+                lam, mean = lambdas(proj, pos, **options)
             if self.track_running:
-                call.running[name] = state
+                call.running[name] = (mean, pos.count)
                 call.undo[name] = (prior, proj)  # to go back if the KV cache is cropped
         else:  # plain steering: lambda = 1 everywhere
             lam = tokens.new_ones((*tokens.shape[:2], 1), dtype=torch.float32)
             if call.rows is not None:
                 lam = lam * call.rows.to(lam.device, lam.dtype).view(-1, 1, 1)
-        if record:  # (B, K, 1): `scales` drops the last axis when it is read, not here
-            call.history[name].append(lam.detach() if lam.requires_grad else lam)
-        scale = lam if lam.dtype == tokens.dtype else lam.to(tokens.dtype)
-        out = torch.addcmul(tokens, scale, map_.delta(tokens), value=strength)
+        if run.record:  # (B, K, 1): `scales` drops the last axis when it is read, not here
+            layer.recorder.record(lam.detach() if lam.requires_grad else lam)
+        if out is None:
+            scale = lam * strength
+            out = torch.addcmul(tokens, scale if scale.dtype == tokens.dtype else scale.to(tokens.dtype),
+                                map_.delta(tokens))
+        if select:
+            out = torch.where(strength != 0, out, tokens)
         return out if restore is None else restore(out)
 
+
+def _devices_of(root: torch.nn.Module) -> list[torch.device]:
+    """Where the options' tensors are made up front: the CPU and the devices of the model's weights."""
+    found = {torch.device("cpu")}
+    for p in root.parameters():
+        if p.device.type != "meta":
+            found.add(p.device)
+    return sorted(found, key=str)

@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["dsas_diffusion", "dsas_diffusion.toy.lm_eval", "dsas_diffusion.toy.train_lm",
-           "dsas_diffusion.toy.train_t2i", "benchmarks.overhead", "benchmarks.oracle", "benchmarks.toy_worlds"]
-SCRIPTS = ["assets/build_tiny_clip_tokenizer.py"]
+           "dsas_diffusion.toy.train_t2i", "benchmarks.overhead", "benchmarks.oracle", "benchmarks.toy_worlds",
+           "benchmarks.fused_check"]
+SCRIPTS = ["assets/build_tiny_clip_tokenizer.py", "assets/build_tiny_t5_tokenizer.py"]
 SECONDS = 30  # parsing takes milliseconds; any real work (training, a sweep) takes minutes
 
 

@@ -31,3 +31,30 @@ def test_compiled_steered_generate_matches_eager():
     for name, lam in handle.scales.items():  # the running state advanced inside the compiled graph
         torch.testing.assert_close(lam, eager_scales[name], rtol=1e-5, atol=1e-5)
     handle.detach()
+
+
+def test_generate_builds_as_many_graphs_as_the_stock_model():
+    """Three batch sizes and two strengths: as many graphs as the stock compiled model builds (the
+    strength is a tensor the graph reads, the recorded lambdas go through one op, the running state
+    keeps its strides). The pre-forward hook that follows the KV cache runs eagerly before the graph."""
+    from tests.graph_counts import counting
+
+    tokenizer = make_tokenizer()
+
+    def graphs(steered: bool) -> int:
+        model = make_model("llama")
+        handle = attach(fitted("llama"), model, strength=2.0) if steered else None
+        with counting() as seen:
+            model.compile(backend=seen.backend)
+            for rows, strength in ((2, 2.0), (3, 1.0), (1, 2.0)):
+                if handle is not None:
+                    handle.strength = strength
+                generate(model, tokenizer, PROMPTS[:rows])
+                if handle is not None:  # the lambdas of every token were recorded from inside the graph
+                    assert all(lam.shape[0] == rows for lam in handle.scales.values())
+        if handle is not None:
+            handle.detach()
+        return seen.graphs
+
+    stock, steered = graphs(False), graphs(True)
+    assert steered <= stock + 1, (stock, steered)
