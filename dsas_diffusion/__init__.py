@@ -1,16 +1,26 @@
 """dsas-diffusion: Dynamically Scaled Activation Steering for diffusers pipelines and transformers LMs.
 
-`Steering` comes from the torch-only core; the pipelines are imported on first use, so
-`import dsas_diffusion` stays light.
+`Steering` comes from the torch-only core; the pipelines and the diffusers integration are
+imported on first use, so `import dsas_diffusion` stays light.
 """
 
 from .core import Steering, SteeringConfig
 
 __version__ = "0.1.0"
 
+_PIPELINES = "dsas_diffusion.pipelines"
 _LAZY = {
-    "DSASStableDiffusionPipeline": "dsas_diffusion.pipelines.pipeline_dsas_stable_diffusion",
-    "DSASStableDiffusionPipelineOutput": "dsas_diffusion.pipelines.pipeline_dsas_stable_diffusion",
+    "apply_dsas": "dsas_diffusion.diffusion.integration",
+    "remove_dsas": "dsas_diffusion.diffusion.integration",
+    "PipelineSteering": "dsas_diffusion.diffusion.integration",
+    "fit_pipeline_steering": "dsas_diffusion.diffusion.fitting",
+    **{name: _PIPELINES for name in (
+        "DSASStableDiffusionPipeline", "DSASStableDiffusionPipelineOutput",
+        "DSASStableDiffusionXLPipeline", "DSASStableDiffusionXLPipelineOutput",
+        "DSASStableDiffusion3Pipeline", "DSASStableDiffusion3PipelineOutput",
+        "DSASFluxPipeline", "DSASFluxPipelineOutput",
+        "DSASPixArtSigmaPipeline", "DSASPixArtSigmaPipelineOutput",
+    )},
 }
 
 __all__ = ["Steering", "SteeringConfig", *_LAZY]

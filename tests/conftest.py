@@ -21,6 +21,15 @@ CONCEPT_CONTROL = [f"a photo of a {thing} on a {place}" for thing, place in (
         ("old", "man", "city"), ("bright", "star", "forest"), ("cute", "fish", "sea"))]
 
 
+def one_torch_thread():
+    """A package-wide autouse fixture for conftests of test folders of tiny models: on a shared 2-core
+    machine two OpenMP threads fighting other processes for the cores make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_sd_components(seed: int = 0, text_hidden: int = 32, vocab_size: int = 512):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

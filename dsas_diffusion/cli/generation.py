@@ -74,8 +74,17 @@ def make_units(groups: dict[str, list[PromptRow]], seeds: list[int], guidance: f
 
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The requested size, or the one the pipeline draws by default (its denoiser's sample size;
+    FLUX's is fixed at 128 latents a side)."""
+    sample = getattr(pipe, "default_sample_size", None) or _denoiser(pipe).config.sample_size
+    default = sample * pipe.vae_scale_factor
     return height or default, width or default
+
+
+def _denoiser(pipe):
+    from dsas_diffusion.diffusion.families import family_of
+
+    return getattr(pipe, family_of(pipe).denoiser)
 
 
 def run_generation(pipe, units: list[Unit], variants: list[Variant], *, out: Path, journal: Journal, state,
@@ -137,12 +146,13 @@ def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height:
     record = {"key": f"{variant.name}/{unit.key}", "unit": unit.key, "variant": variant.name, "mode": variant.mode,
               "alpha": variant.alpha, "group": unit.group, "row": unit.row, "prompt": unit.prompt, "seed": unit.seed,
               "guidance_scale": unit.guidance_scale, "image": rel.as_posix(), "image_sha256": digest}
-    nsfw = result.nsfw_content_detected
+    nsfw = getattr(result, "nsfw_content_detected", None)  # Stable Diffusion 1.x / 2.x only
     if nsfw is not None:
         record["nsfw"] = bool(nsfw[0])
     if dsas:
         lam = lambda_map(result.steering_scales, image.size)
-        tokens, sequence = token_lambdas(result.steering_scales, pipe.tokenizer, unit.prompt)
+        first = {k: v for k, v in result.steering_scales.items() if k.startswith("text_encoder.")}  # pipe.tokenizer's
+        tokens, sequence = token_lambdas(first, pipe.tokenizer, unit.prompt)
         overlay = Path("overlays") / variant.name / f"{unit.key}.png"
         save_png(lambda_overlay(image, lam, tokens), out / overlay)
         record.update(overlay=overlay.as_posix(), token_lambdas=[list(t) for t in tokens], sequence_lambda=sequence,
@@ -192,18 +202,17 @@ def generation_settings(pipe, *, model: str, steering, steps: int, height: int, 
 
     return {"model": model, "steering": steering_digest(steering), "steps": steps, "height": height,
             "width": width, "negative_prompt": negative_prompt, "steer_negative": steer_negative,
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__,
+            "dtype": str(_denoiser(pipe).dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__,
             "safety_checker": safety_checker}
 
 
 def prepare(args, state):
     """(pipe, units, settings) for `generate` and `sweep`: prompts read and the pipeline loaded with
     the steering set (which refuses a steering fitted on another model)."""
-    from .common import (check_model_path, check_steps, device_for, load_pipeline, load_steering, prompt_groups,
-                         torch_dtype)
+    from .common import (call_default, check_model_path, check_steps, device_for, load_pipeline, load_steering,
+                         prompt_groups, torch_dtype)
 
     groups = prompt_groups(args)
-    units = make_units(groups, args.seeds, args.guidance)
     steering = load_steering(args.steering)
     model = args.model or fitted_model(steering, args.steering, state)
     model = check_model_path(model)  # `~` expanded, so that --model=~/sd and --model ~/sd resume the same run
@@ -212,6 +221,8 @@ def prepare(args, state):
                          safety_checker=not args.no_safety_checker)
     check_steps(pipe, args.steps)
     pipe.set_steering(steering)
+    units = make_units(groups, args.seeds, args.guidance if args.guidance is not None
+                       else call_default(pipe, "guidance_scale"))
     height, width = image_size(pipe, args.height, args.width)
     settings = generation_settings(pipe, model=model, steering=steering, steps=args.steps, height=height,
                                    width=width, negative_prompt=args.negative_prompt,

@@ -1,6 +1,8 @@
-"""What is specific to diffusers pipelines: target modules, CLIP token masks, stage-wise fitting."""
+"""What is specific to diffusers pipelines: the per-family adapter table, apply / remove, fitting."""
 
+from .families import FAMILIES, Family, family_of
 from .fitting import fit_pipeline_steering
-from .targets import TEXT_ENCODER_LAYERS, UNET_LAYERS
+from .integration import PipelineSteering, apply_dsas, remove_dsas
 
-__all__ = ["fit_pipeline_steering", "TEXT_ENCODER_LAYERS", "UNET_LAYERS"]
+__all__ = ["FAMILIES", "Family", "family_of", "fit_pipeline_steering", "PipelineSteering", "apply_dsas",
+           "remove_dsas"]

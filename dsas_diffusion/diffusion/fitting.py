@@ -1,20 +1,27 @@
-"""Fitting a Steering on a Stable Diffusion pipeline, stage by stage.
+"""Fitting a Steering on a diffusers pipeline of any supported family, stage by stage.
 
-1. Text encoder: pooled activations of every prompt (padding excluded) -> maps and gates.
-2. UNet attention: the pipeline is run for every prompt with the text encoder steering of
-   step 1 attached (source and control; target runs unsteered), and the spatial mean of each
-   attention output on the conditional half of the CFG batch is recorded at every denoising
-   step -> maps and gates. So the UNet is fitted on the activations it will really receive
-   [choice: fitting both stages on the unsteered model would steer twice].
+1. Text encoders: every prompt is encoded by the pipeline's own `encode_prompt` (so each encoder
+   reads the tokens, lengths and masks the pipeline gives it); the pooled activations of every
+   layer (padding excluded) -> maps and gates.
+2. Denoiser: the stock pipeline is run for every prompt with the text encoder steering of step 1
+   applied through `apply_dsas`'s integration (source and control; target runs unsteered), and the
+   spatial mean of each layer's image stream over the positive branch of guidance (read from the
+   family's CFG layout) is recorded at every denoising step -> maps and gates. So the denoiser is
+   fitted on the activations it will really receive [choice: fitting both stages on the unsteered
+   model would steer twice].
+
+Any steering already applied to the pipeline is switched off while fitting, and the pipeline runs
+through its stock class's `__call__`, with nothing a stock `__call__` would silently swallow: a
+stock pipeline and its named counterpart fit the same steering.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -22,36 +29,41 @@ from tqdm.auto import tqdm
 from ..core import ActivationCapture, Steering, SteeringConfig, check_example_sets, find_modules, fit_from_activations
 from ..core.fit import require_steered_layers
 from ..core.fingerprint import fingerprint
-from ..core.fit_inputs import (check_fit_options, flag, layer_pattern, method_name, positive_int, real_number,
-                               seed_int)
+from ..core.fit_inputs import (check_fit_options, check_gate_sets, choice, flag, layer_pattern, method_name,
+                               positive_int, real_number, seed_int)
 from ..core.modules import check_weights_loaded
-from .targets import TEXT_ENCODER_LAYERS, UNET_LAYERS, clip_token_mask, eos_token_id
-
-Where = Literal["both", "text_encoder", "unet"]
-
+from .families import TEXT_ENCODER_LAYERS, Family, family_of
+from .integration import applied_to, attach_to_pipeline, following_calls
+from .padding import eos_token_id, padding_mask
 
 # fit_pipeline_steering's own arguments, named when an unknown keyword is refused
-_ARGUMENTS = ("steer", "text_encoder_layers", "unet_layers", "num_inference_steps", "guidance_scale", "height",
-              "width", "batch_size", "seed", "progress", "state")
+_ARGUMENTS = ("steer", "text_encoder_layers", "denoiser_layers", "unet_layers", "transformer_layers",
+              "num_inference_steps", "guidance_scale", "height", "width", "batch_size", "seed", "progress", "state",
+              "pipeline_kwargs", "gate_source", "gate_control")
 
 
-def check_pipeline(pipe, steer: str) -> None:
-    for component in ("tokenizer", "text_encoder") + (("unet", "scheduler") if steer != "text_encoder" else ()):
+def check_pipeline(pipe, family: Family, stages: set[str]) -> None:
+    needed = [te for te, _ in family.text_encoders if getattr(pipe, te, None) is not None]
+    if not needed:
+        raise ValueError("the pipeline has no text encoder, which fitting needs; load a complete pipeline")
+    if "denoiser" in stages:
+        needed += [family.denoiser, "scheduler"]
+    for component in needed:
         if getattr(pipe, component, None) is None:
-            raise ValueError(f"the pipeline has no {component}, which fitting with steer={steer!r} needs; load a "
-                             "complete Stable Diffusion pipeline")
-    for component in ("text_encoder", "unet"):
-        if getattr(pipe, component, None) is not None:
+            raise ValueError(f"the pipeline has no {component}, which fitting the {family.denoiser} needs; load a "
+                             "complete pipeline")
+    for component in family.components:
+        if isinstance(getattr(pipe, component, None), torch.nn.Module):
             check_weights_loaded(getattr(pipe, component), component)
 
 
 def check_image_size(pipe, name: str, value) -> int | None:
-    """None (the model's size) or a positive multiple of 8 (what Stable Diffusion pipelines accept) and of
-    the VAE's downscaling factor, checked before the text encoder stage runs (the pipeline itself would
-    refuse it only in the UNet stage)."""
+    """None (the model's size) or a positive multiple of 8 and of the VAE's downscaling factor (FLUX:
+    twice that, its latents are packed 2x2), checked before the text encoder stage runs (the pipeline
+    itself would refuse it only in the denoiser stage)."""
     if value is None:
         return None
-    factor = math.lcm(8, getattr(pipe, "vae_scale_factor", 8))
+    factor = math.lcm(8, getattr(pipe, "vae_scale_factor", 8) * (2 if family_of(pipe).name == "flux" else 1))
     value = positive_int(name, value, f"; pass None (the model's size) or a multiple of {factor}")
     if value % factor:
         raise ValueError(f"{name} must be a multiple of {factor}, got {value}; pass e.g. "
@@ -68,15 +80,47 @@ def check_state(state) -> None:
                         f"{type(state).__name__}")
 
 
-def check_prompt_lengths(tokenizer, prompts: Sequence[str], label: str) -> None:
-    limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
-    for prompt, n in zip(prompts, lengths):
-        if n > limit:
-            raise ValueError(
-                f"a {label} prompt has {n} tokens but the text encoder takes at most {limit}; the rest would be cut "
-                f"off and the steering fitted on text the model never sees. Shorten it: {prompt[:80]!r}..."
-            )
+def check_pipeline_kwargs(pipe, family: Family, value) -> dict:
+    """Extra arguments for the pipeline calls of the denoiser stage, each one the stock `__call__` takes
+    by name: a stock `__call__` swallows unknown keywords (`**kwargs`), so a misspelt one would
+    silently fit something else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"pipeline_kwargs must be a dict of {family.pipeline}.__call__ arguments, e.g. "
+                        f"{{'use_resolution_binning': False}}, got {type(value).__name__}")
+    stock = _stock_class(pipe, family)
+    known = {n for n, p in inspect.signature(stock.__call__).parameters.items() if p.kind is p.KEYWORD_ONLY
+             or p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+    owned = {"prompt", "generator", "output_type", "num_inference_steps", "guidance_scale", "height", "width"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise TypeError(f"pipeline_kwargs: {family.pipeline}.__call__ takes no argument {unknown[0]!r}; it would be "
+                        "swallowed silently and fitting would not do what you asked")
+    given = sorted(set(value) & owned)
+    if given:
+        raise TypeError(f"pipeline_kwargs: {given[0]!r} is set by the fit itself; pass it as fit_steering's own "
+                        "argument")
+    return dict(value)
+
+
+def check_prompt_lengths(pipe, family: Family, prompts: Sequence[str], label: str) -> None:
+    for te, tok_name in family.text_encoders:
+        tokenizer = getattr(pipe, tok_name, None)
+        if tokenizer is None or getattr(pipe, te, None) is None:
+            continue
+        limit = family.max_length.get(te, tokenizer.model_max_length)
+        lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+        for prompt, n in zip(prompts, lengths):
+            if n > limit:
+                raise ValueError(
+                    f"a {label} prompt has {n} tokens but the text encoder takes at most {limit}; the rest would be "
+                    f"cut off and the steering fitted on text the model never sees. Shorten it: {prompt[:80]!r}..."
+                )
+
+
+def _stock_class(pipe, family: Family) -> type:
+    return next(c for c in type(pipe).__mro__ if c.__name__ == family.pipeline)
 
 
 def _batches(items: Sequence[str], size: int, state=None) -> list[tuple[int, list[str]]]:
@@ -105,40 +149,43 @@ def _take(cap: ActivationCapture) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_text_encoder(pipe, prompts: Sequence[str], names: list[str], batch_size: int, desc: str,
-                         progress: bool = True, state=None):
-    enc = pipe.text_encoder
-    mask = clip_token_mask(eos_token_id(pipe.tokenizer, enc))
+def collect_text_encoders(pipe, family: Family, prompts: Sequence[str], names: dict[str, list[str]],
+                          batch_size: int, desc: str, progress: bool = True, state=None,
+                          options: dict | None = None) -> dict[str, torch.Tensor]:
+    """{full layer name: (prompts, D)} over every text encoder in `names`, from the pipeline's own encoding."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
     results = []
-    with ActivationCapture(enc, names, pre_forward=mask, what="text_encoder") as cap:
+    with ExitStack() as stack:
+        caps = {te: stack.enter_context(ActivationCapture(
+            getattr(pipe, te), layers, what=te,
+            pre_forward=padding_mask(eos_token_id(getattr(pipe, family.tokenizer_of(te), None), getattr(pipe, te)))))
+            for te, layers in names.items()}
         for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
-            ids = pipe.tokenizer(batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            enc(ids.to(enc.device))
-            results.append((start, _take(cap)))
+            family.encode(pipe, batch, device, options or {})
+            results.append((start, {f"{te}.{k}": v for te, cap in caps.items() for k, v in _take(cap).items()}))
     results = _gathered(state, results)
-    return {n: torch.cat([acts[n] for _, acts in results]) for n in names}
+    return {n: torch.cat([acts[n] for _, acts in results]) for n in results[0][1]}
 
 
 @torch.no_grad()
-def collect_unet(pipe, prompts, names, *, steering, batch_size, seed, desc, progress=True, state=None,
-                 **call_kwargs):
-    """Spatial means per (prompt, step) on the conditional rows; returns (acts, prompt index per row)."""
+def collect_denoiser(pipe, family: Family, prompts, names, *, steering, batch_size, seed, desc, progress=True,
+                     state=None, **call_kwargs):
+    """Spatial means per (prompt, step) over the positive branch; returns (acts, prompt index per row)."""
     results = []
-    cfg = call_kwargs.get("guidance_scale", 7.5) > 1
-    with ActivationCapture(pipe.unet, names, what="unet") as cap, _quiet(pipe):
+    denoiser = getattr(pipe, family.denoiser)
+    stock_call = _stock_class(pipe, family).__call__
+    elements = {n: family.element(denoiser.get_submodule(n)) for n in names}
+    with ActivationCapture(denoiser, names, what=family.denoiser, elements=elements) as cap, _quiet(pipe), \
+            following_calls(pipe, capture=cap), _steered(pipe, steering):
         for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
             n = len(batch)
-            cap.rows = torch.cat([torch.zeros(n), torch.ones(n)]).bool() if cfg else None
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
-            # steering=None here means unsteered, not "the steering the pipeline has set"
-            pipe(batch, generator=gens, output_type="latent", steering=steering,
-                 steering_strength=1.0 if steering is not None else 0.0, return_steering_scales=False, **call_kwargs)
-            acts = _take(cap)
-            steps = len(acts[names[0]]) // n
+            stock_call(pipe, batch, generator=gens, output_type="latent", **call_kwargs)
+            acts = {f"{family.denoiser}.{k}": v for k, v in _take(cap).items()}
+            steps = len(next(iter(acts.values()))) // n
             results.append((start, acts, torch.arange(start, start + n).repeat(steps)))
     results = _gathered(state, results)
-    return ({name: torch.cat([acts[name] for _, acts, _ in results]) for name in names},
+    return ({name: torch.cat([acts[name] for _, acts, _ in results]) for name in results[0][1]},
             torch.cat([groups for _, _, groups in results]))
 
 
@@ -149,83 +196,146 @@ def fit_pipeline_steering(
     control: Sequence[str],
     method: str = "linear_act",
     *,
-    steer: Where = "both",
+    steer: str = "both",
     text_encoder_layers: str | None = TEXT_ENCODER_LAYERS,
-    unet_layers: str | None = UNET_LAYERS,
+    denoiser_layers: str | None = None,
     num_inference_steps: int = 10,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
     state=None,
+    pipeline_kwargs: dict | None = None,
+    gate_source: Sequence[str] | None = None,
+    gate_control: Sequence[str] | None = None,
     **config_options,
 ) -> Steering:
-    """`state` (accelerate's PartialState) splits activation collection between processes; every
-    process then fits the same steering from the gathered activations, bit-identical to one process.
-    `text_encoder_layers` / `unet_layers`: regular expressions over the component's module names
-    (None: the default). Prompts the tokenizer cannot tell apart are dropped as duplicates, with a warning."""
+    """Fit on a stock or named pipeline of any supported family (`dsas_diffusion.diffusion.FAMILIES`).
+
+    steer: "both", "text_encoder" (every text encoder) or the denoiser ("unet", "transformer", or
+    "denoiser" for either). `text_encoder_layers` / `denoiser_layers` (also spelt after the
+    denoiser, `unet_layers` / `transformer_layers`): regular expressions over a component's module
+    names (None: the family's default). guidance_scale: None keeps the pipeline's default.
+    pipeline_kwargs: other arguments of the stock `__call__` for the denoiser stage (e.g. PixArt's
+    `use_resolution_binning=False`). `state` (accelerate's PartialState) splits activation
+    collection between processes; every process then fits the same steering from the gathered
+    activations, bit-identical to one process. Prompts the tokenizer cannot tell apart are dropped
+    as duplicates, with a warning. `gate_source` / `gate_control`: fit the gates on these prompts
+    instead (a conditional steering: the map of one concept applied where the gate of another fires,
+    the paper's "blur only where there is a banana"); either defaults to source / control."""
     # 1. inputs, before any model runs
-    if steer not in ("both", "text_encoder", "unet"):
-        raise ValueError(f"steer={steer!r} is unknown; choose 'both', 'text_encoder' or 'unet'")
+    family = family_of(pipe)
+    denoiser = family.denoiser
+    steer = choice("steer", steer, ("both", "text_encoder", "denoiser", denoiser))
+    stages = {"text_encoder", "denoiser"} if steer == "both" else {"text_encoder" if steer == "text_encoder"
+                                                                    else "denoiser"}
     method = method_name(method)
+    spelt = "denoiser_layers"
+    if f"{denoiser}_layers" in config_options:
+        if denoiser_layers is not None:
+            raise TypeError(f"pass the {denoiser} layers once, as denoiser_layers or {denoiser}_layers")
+        spelt = f"{denoiser}_layers"
+        denoiser_layers = config_options.pop(spelt)
     config_options = check_fit_options(config_options, "fit_pipeline_steering", _ARGUMENTS)
     text_encoder_layers = layer_pattern("text_encoder_layers", text_encoder_layers, allow_none=True,
                                         fix=f"text_encoder_layers=r'{TEXT_ENCODER_LAYERS}' (the default)") \
         or TEXT_ENCODER_LAYERS
-    unet_layers = layer_pattern("unet_layers", unet_layers, allow_none=True,
-                                fix=f"unet_layers=r'{UNET_LAYERS}' (the default)") or UNET_LAYERS
+    denoiser_layers = layer_pattern(spelt, denoiser_layers, allow_none=True,
+                                    fix=f"{spelt}=r'{family.denoiser_layers}' (this {family.name} default)") \
+        or family.denoiser_layers
     num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
-    guidance_scale = real_number("guidance_scale", guidance_scale, fix="; pass e.g. guidance_scale=7.5")
+    if guidance_scale is not None:
+        guidance_scale = real_number("guidance_scale", guidance_scale, fix="; pass e.g. guidance_scale=7.5")
     height, width = check_image_size(pipe, "height", height), check_image_size(pipe, "width", width)
     batch_size = positive_int("batch_size", batch_size)
     seed = seed_int("seed", seed)
     progress = flag("progress", progress)
     check_state(state)
-    check_pipeline(pipe, steer)
-    source, target, control = check_example_sets(
-        source, target, control, pca_rank=config_options.get("pca_rank", 5),
-        key=lambda prompts: pipe.tokenizer(prompts).input_ids, stacklevel=3)
-    for label, prompts in (("source", source), ("target", target), ("control", control)):
-        check_prompt_lengths(pipe.tokenizer, prompts, label)
-    te_names = find_modules(pipe.text_encoder, text_encoder_layers, "text_encoder", "text_encoder_layers") \
-        if steer in ("both", "text_encoder") else []
-    unet_names = find_modules(pipe.unet, unet_layers, "unet", "unet_layers") if steer in ("both", "unet") else []
+    pipeline_kwargs = check_pipeline_kwargs(pipe, family, pipeline_kwargs)
+    check_pipeline(pipe, family, stages)
+    first_tokenizer = next(getattr(pipe, tok) for te, tok in family.text_encoders
+                           if getattr(pipe, te, None) is not None)
+    key = lambda prompts: first_tokenizer(prompts).input_ids  # noqa: E731  (what the model tells apart)
+    pca_rank = config_options.get("pca_rank", 5)
+    source, target, control = check_example_sets(source, target, control, pca_rank=pca_rank, key=key, stacklevel=3)
+    sets = {"source": source, "target": target, "control": control}
+    if gate_source is not None or gate_control is not None:
+        if config_options.get("gates") == "e2e":
+            raise ValueError("gate_source / gate_control give two-stage gates of another concept; end-to-end gates "
+                             "learn from source, target and control alone. Pass gates='two_stage' for a conditional "
+                             "steering, or drop gate_source / gate_control")
+        sets["gate_source"], sets["gate_control"] = check_gate_sets(
+            source if gate_source is None else gate_source, control if gate_control is None else gate_control,
+            pca_rank=pca_rank, key=key, stacklevel=3)
+    for label, prompts in sets.items():
+        check_prompt_lengths(pipe, family, prompts, label)
+    te_names = _text_encoder_layers(pipe, family, text_encoder_layers) if "text_encoder" in stages else {}
+    denoiser_names = find_modules(getattr(pipe, denoiser), denoiser_layers, denoiser, spelt) \
+        if "denoiser" in stages else []
     config = SteeringConfig(method=method, seed=seed, base_model=str(getattr(pipe, "name_or_path", None) or "") or None,
-                            num_examples={"source": len(source), "target": len(target), "control": len(control)},
-                            **config_options)
+                            num_examples={label: len(prompts) for label, prompts in sets.items()}, **config_options)
     parts: list[Steering] = []
 
-    if steer in ("both", "text_encoder"):
-        acts = [collect_text_encoder(pipe, p, te_names, batch_size, f"text encoder: {label}", progress, state)
-                for label, p in (("source", source), ("target", target), ("control", control))]
-        parts.append(_fit_component(pipe, "text_encoder", acts, config, text_encoder_layers, "tokens", progress))
+    with _all_off(pipe):
+        # 2. the text encoders
+        if te_names:
+            acts = {label: collect_text_encoders(pipe, family, prompts, te_names, batch_size, f"text encoders: {label}",
+                                                 progress, state, pipeline_kwargs) for label, prompts in sets.items()}
+            for te in te_names:
+                own = {label: {k: v for k, v in a.items() if k.startswith(f"{te}.")} for label, a in acts.items()}
+                parts.append(_fit_component(pipe, te, own, config, text_encoder_layers, "tokens", progress))
 
-    if steer in ("both", "unet"):
-        te_steering = parts[0] if parts else None
-        kw = dict(names=unet_names, batch_size=batch_size, seed=seed, progress=progress, state=state,
-                  num_inference_steps=num_inference_steps,
-                  guidance_scale=guidance_scale, height=height, width=width)
-        s, s_groups = collect_unet(pipe, source, steering=te_steering, desc="unet: source", **kw)
-        t, _ = collect_unet(pipe, target, steering=None, desc="unet: target", **kw)
-        c, c_groups = collect_unet(pipe, control, steering=te_steering, desc="unet: control", **kw)
-        parts.append(_fit_component(pipe, "unet", (s, t, c), config, unet_layers, "spatial", progress,
-                                    source_groups=s_groups, control_groups=c_groups,
-                                    require_steered=steer == "unet"))
+        # 3. the denoiser, on what the steered text encoders give it (the target prompts run unsteered)
+        if denoiser_names:
+            te_steering = _merge(parts, config, require=False) if parts else None
+            call = dict(num_inference_steps=num_inference_steps, height=height, width=width, **pipeline_kwargs)
+            if guidance_scale is not None:
+                call["guidance_scale"] = guidance_scale
+            kw = dict(names=denoiser_names, batch_size=batch_size, seed=seed, progress=progress, state=state, **call)
+            acts, groups = {}, {}
+            for label, prompts in sets.items():
+                acts[label], groups[label] = collect_denoiser(
+                    pipe, family, prompts, steering=None if label == "target" else te_steering,
+                    desc=f"{denoiser}: {label}", **kw)
+            gated = ("gate_source", "gate_control") if "gate_source" in sets else ("source", "control")
+            module = getattr(pipe, denoiser)
+            elements = {f"{denoiser}.{n}": family.element(module.get_submodule(n)) for n in denoiser_names}
+            parts.append(_fit_component(pipe, denoiser, acts, config, denoiser_layers, "spatial", progress,
+                                        source_groups=groups[gated[0]], control_groups=groups[gated[1]],
+                                        elements=elements, require_steered=stages == {"denoiser"}))
 
     return _merge(parts, config)
 
 
-def _fit_component(pipe, component, acts, config, pattern, kind, progress, require_steered=False, **groups):
-    s, t, c = ({f"{component}.{k}": v for k, v in a.items()} for a in acts)
+def _text_encoder_layers(pipe, family: Family, pattern: str) -> dict[str, list[str]]:
+    """Matching layers per text encoder; an encoder without a match is left out, none at all is an error."""
+    names, errors = {}, []
+    for te, _ in family.text_encoders:
+        encoder = getattr(pipe, te, None)
+        if encoder is None:
+            continue
+        try:
+            names[te] = find_modules(encoder, pattern, te, "text_encoder_layers")
+        except ValueError as e:
+            errors.append(e)
+    if not names:
+        raise errors[0]
+    return names
+
+
+def _fit_component(pipe, component, acts, config, pattern, kind, progress, require_steered=False, **extra):
+    """`acts`: {set label: {layer: (examples, D)}}, gate sets included when given."""
     info, probe = fingerprint(getattr(pipe, component))
     cfg = replace(config, fingerprint={component: info}, targets={component: pattern}, layers={})
-    return fit_from_activations(s, t, c, cfg, kinds={k: kind for k in s}, probes={component: probe},
-                                require_steered=require_steered, progress=progress, **groups)
+    return fit_from_activations(acts["source"], acts["target"], acts["control"], cfg,
+                                kinds={k: kind for k in acts["source"]}, probes={component: probe},
+                                gate_source=acts.get("gate_source"), gate_control=acts.get("gate_control"),
+                                require_steered=require_steered, progress=progress, **extra)
 
 
-def _merge(parts: list[Steering], config: SteeringConfig) -> Steering:
+def _merge(parts: list[Steering], config: SteeringConfig, require: bool = True) -> Steering:
     maps, gates, probes = {}, {}, {}
     config = replace(config, fingerprint={}, targets={}, layers={})
     for p in parts:
@@ -233,7 +343,31 @@ def _merge(parts: list[Steering], config: SteeringConfig) -> Steering:
         config.fingerprint.update(p.config.fingerprint)
         config.targets.update(p.config.targets)
         config.layers.update(p.config.layers)
-    return require_steered_layers(Steering(config, maps, gates, probes))
+    steering = Steering(config, maps, gates, probes)
+    return require_steered_layers(steering) if require else steering
+
+
+@contextmanager
+def _all_off(pipe):
+    """Every steering applied to the pipeline (by apply_dsas, or set on a named pipeline) off, in this thread."""
+    with ExitStack() as stack:
+        for applied in applied_to(pipe):
+            stack.enter_context(applied.local_options(strength=0.0, record_scales=False))
+        yield
+
+
+@contextmanager
+def _steered(pipe, steering: Steering | None):
+    """The text encoder steering of stage 1 applied to the pipeline for the block (None: unsteered)."""
+    if steering is None:
+        yield
+        return
+    applied = attach_to_pipeline(pipe, steering, 1.0, check_model=False)
+    try:
+        with applied.local_options(record_scales=False):
+            yield
+    finally:
+        applied.remove()
 
 
 @contextmanager

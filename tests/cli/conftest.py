@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONCEPT_CONTROL, CONCEPT_SOURCE, CONCEPT_TARGET, TOKENIZER_DIR
+from tests.conftest import CONCEPT_CONTROL, CONCEPT_SOURCE, CONCEPT_TARGET, TOKENIZER_DIR, one_torch_thread
 
 HELD_OUT_CONCEPT = ["a banana on the road", "a cute banana near a tree"]
 HELD_OUT_CONTROL = ["a photo of a cow on the road", "a cute rabbit near a tree"]
@@ -29,12 +29,7 @@ def run_cli(*args) -> int:
     return main([str(a) for a in args] + ["--cpu"])
 
 
-@pytest.fixture(autouse=True, scope="package")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="package")(one_torch_thread)
 
 
 def write_lines(path: Path, lines) -> Path:

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.graph_counts import Compiled, counting
+
 KW = dict(num_inference_steps=2, output_type="np")
 
 
@@ -50,3 +52,35 @@ def test_hooks_work_under_accelerate_cpu_offload(sd_dir, fitted_steering):
     out = pipe(prompt, generator=torch.Generator().manual_seed(0), **KW)
     assert np.array_equal(out.images, expected.images)
     assert all(torch.equal(out.steering_scales[k], v) for k, v in expected.steering_scales.items())
+
+
+CALLS = [("a photo of a banana on a table", 1.0, True), ("a cat in the park", 2.0, False),
+         ("a big banana in the sea", 0.5, True), ("a dog on a plate", 0.0, True)]
+
+
+def _graphs(sd_dir, component: str, steering) -> Compiled:
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    pipe = DSASStableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if steering is not None:
+        pipe.set_steering(steering)
+    with counting() as seen:
+        getattr(pipe, component).compile(backend=seen.backend)
+        for prompt, alpha, scales in CALLS:
+            out = pipe(prompt, generator=torch.Generator().manual_seed(0), steering_strength=alpha,
+                       return_steering_scales=scales, num_inference_steps=3, output_type="np")
+            assert (out.steering_scales is not None) == (scales and alpha != 0 and steering is not None)
+    return seen
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_steering_adds_at_most_one_graph_and_no_break(sd_dir, fitted_steering, component):
+    """Over multi-step calls with other prompts, strengths (0 included) and return_steering_scales, a
+    steered compiled component builds at most one graph more than the stock one (one with the recording
+    op, one without), and never falls back to eager: no graph break, no recompile per step."""
+    stock = _graphs(sd_dir, component, None)
+    steered = _graphs(sd_dir, component, fitted_steering)
+    assert stock.graphs == 1 and not stock.breaks
+    assert steered.graphs <= stock.graphs + 1, steered
+    assert not steered.breaks, steered.breaks

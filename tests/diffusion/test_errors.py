@@ -79,5 +79,5 @@ def test_language_model_steering_is_refused_by_the_pipeline(dsas_pipe):
     foreign = Steering(SteeringConfig(method="mean_shift", layers={name: {"width": 32}}),
                        {name: MeanShift(shift=torch.zeros(32))},
                        {name: Gate(weight=torch.zeros(32), bias=torch.zeros(()), accuracy=1.0)})
-    with pytest.raises(ValueError, match="outside the text encoder and UNet.*language model"):
+    with pytest.raises(ValueError, match="outside the text encoders and unet.*language model"):
         dsas_pipe.set_steering(foreign)

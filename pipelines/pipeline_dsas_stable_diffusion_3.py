@@ -1,0 +1,33 @@
+"""Stable Diffusion 3 / 3.5 with Dynamically Scaled Activation Steering.
+
+A subclass of diffusers' `StableDiffusion3Pipeline`: loading, schedulers, dtypes, LoRA, callbacks and the denoising
+loop are the stock ones; `DSASPipelineMixin` adds `fit_steering`, `set_steering` and the per-call
+steering arguments. Steered by default: the layers of the CLIP and T5 text encoders (per prompt token) and the
+image stream of every joint attention of the transformer (per image token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+from .dsas_mixin import DSASPipelineMixin
+
+
+@dataclass
+class DSASStableDiffusion3PipelineOutput(StableDiffusion3PipelineOutput):
+    """`steering_scales`: the lambdas that were applied, per layer name: text encoder layers
+    (prompts, tokens); transformer layers (steps, prompts x images, H', W') over the conditional branch.
+    None when no steering ran."""
+
+    steering_scales: dict[str, torch.Tensor] | None = None
+
+
+class DSASStableDiffusion3Pipeline(DSASPipelineMixin, StableDiffusion3Pipeline):
+    r"""Stable Diffusion 3 / 3.5 with a DSAS `Steering`: fit with `fit_steering`, set with `set_steering`, and
+    choose the global strength (alpha) per call with `steering_strength`."""
+
+    _output_class = DSASStableDiffusion3PipelineOutput
