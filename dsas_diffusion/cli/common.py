@@ -45,8 +45,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help=f"seeds per prompt: '0,1,2' or '0-3' (default: 0; at most {types.MAX_SEEDS:,}); a file's "
                         "per-row seed replaces them")
     g.add_argument("--steps", type=types.positive_int, default=30, help="denoising steps (default: 30)")
-    g.add_argument("--guidance", type=types.guidance, default=7.5,
-                   help="classifier-free guidance scale (default: 7.5); a file's per-row value replaces it")
+    g.add_argument("--guidance", type=types.guidance,
+                   help="guidance scale (default: the pipeline's own, 7.5 for Stable Diffusion); a file's per-row "
+                        "value replaces it")
     g.add_argument("--height", type=types.image_side, help="image height, a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=types.image_side, help="image width, a multiple of 8 (default: the model's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
@@ -88,7 +89,7 @@ def add_clip_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concept-threshold", type=types.probability_threshold, default=0.5,
                    help="an image shows the concept when P(concept) exceeds this (default: 0.5)")
     g.add_argument("--clip-batch-size", type=types.positive_int, default=32,
-                   help="images per CLIP batch (default: 32)")
+                   help="images per scoring batch (default: 32)")
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -123,7 +124,8 @@ def concept_texts(args) -> tuple[list[str], list[str]]:
     if args.anti_concept_file:
         anti += read_prompts(args.anti_concept_file)
     prompt_set = getattr(args, "prompt_set", None)
-    if prompt_set and not concept and not anti:
+    # a set's zero-shot texts are for the clip scorer; a set judged otherwise (the toy rules) has none
+    if prompt_set and not concept and not anti and "clip" in getattr(args, "scorers", ["clip"]):
         concept = read_prompts(prompt_set_file(prompt_set, "concept"))
         anti = read_prompts(prompt_set_file(prompt_set, "anti_concept"))
     if bool(concept) != bool(anti):
@@ -177,31 +179,39 @@ def torch_dtype(name: str, device):
 
 
 def load_pipeline(model: str, *, dtype, device, safety_checker: bool = True):
-    from dsas_diffusion import DSASStableDiffusionPipeline
+    """The named DSAS pipeline of the model's family, read from its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    from dsas_diffusion.diffusion.families import family_of_index
+    from dsas_diffusion.pipelines import NAMED_PIPELINES
 
     model = check_model_path(model)
-    kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    with loading_model(model, "--model", "a Stable Diffusion folder (model_index.json, unet/, text_encoder/ ...) "
-                                         "or a hub id you can reach"):
+    with loading_model(model, "--model", "a diffusers pipeline folder (model_index.json, text_encoder/ ...) of a "
+                                         "supported family, or a hub id you can reach"):
+        try:
+            family = family_of_index(DiffusionPipeline.load_config(_absolute(model)), model)
+        except ValueError as e:
+            raise CLIError(f"{e}; pass --model with one of those") from None
+        kwargs = {}
+        if family.name == "stable_diffusion" and not safety_checker:
+            kwargs = {"safety_checker": None, "requires_safety_checker": False}
         with warnings.catch_warnings():  # recent diffusers call it dtype; older ones know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = DSASStableDiffusionPipeline.from_pretrained(_absolute(model), torch_dtype=dtype, **kwargs)
+            pipe = NAMED_PIPELINES[family.name].from_pretrained(_absolute(model), torch_dtype=dtype, **kwargs)
         _check_complete(pipe, model)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def load_clip_model(args, *, device, dtype):
-    """The CLIP embedder of --clip-backend / --clip-model, load errors explained."""
-    from ..eval import load_clip
-    from ..eval.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_OPEN_CLIP_MODEL
+def call_default(pipe, argument: str):
+    """The default of one of the pipeline's `__call__` arguments (guidance_scale differs by family)."""
+    import inspect
 
-    name = args.clip_model or (DEFAULT_CLIP_MODEL if args.clip_backend == "transformers" else DEFAULT_OPEN_CLIP_MODEL)
-    expected = "a CLIP folder or hub id (open_clip: ARCH:TAG)"
-    with loading_model(name, "--clip-model", expected, explained=(ValueError, OSError)):
-        return load_clip(args.clip_backend, args.clip_model, device=device, dtype=dtype,
-                         batch_size=args.clip_batch_size)
+    from dsas_diffusion.diffusion.families import family_of
+
+    stock = next(c for c in type(pipe).__mro__ if c.__name__ == family_of(pipe).pipeline)
+    return inspect.signature(stock.__call__).parameters[argument].default
 
 
 def _absolute(model: str) -> str:

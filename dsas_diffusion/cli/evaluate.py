@@ -1,4 +1,5 @@
-"""`dsas eval`: CLIP score, concept rate and drift of the images of a run.
+"""`dsas eval`: judge the images of a run with the chosen scorers (CLIP score, concept rate and drift
+by default; NudeNet's nudity rate; the toy world's pixel rules), each loaded before any image is read.
 
 RUN is a folder written by `dsas generate` or `dsas sweep` (its results.jsonl), or any JSONL
 file of {"image": path, "prompt": text} records (paths relative to the file; optional "group",
@@ -11,18 +12,20 @@ import json
 from pathlib import Path
 
 from . import arguments as types
-from .common import (CLIError, add_clip_args, add_runtime_args, concept_texts, device_for, echo, load_clip_model,
-                     process_state, torch_dtype)
+from .common import (CLIError, add_clip_args, add_runtime_args, concept_texts, device_for, echo, process_state,
+                     torch_dtype)
+from .scoring import add_scorer_args
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="CLIP score, concept rate and drift of generated images",
-        description="Score the images of a run: CLIP score against their prompts, concept rate by CLIP zero-shot "
-                    "(concept vs anti-concept texts) and drift from their unsteered twins. Writes scores.jsonl "
-                    "(resumable), summary.json and summary.md.")
+        "eval", help="score generated images: CLIP score, concept or nudity rate, drift",
+        description="Score the images of a run with --scorers (default clip: CLIP score against their prompts, "
+                    "concept rate by CLIP zero-shot, concept vs anti-concept texts), and their drift from their "
+                    "unsteered twins. Writes scores.jsonl (resumable), summary.json and summary.md.")
     p.add_argument("run_path", metavar="RUN", help="folder written by dsas generate / sweep, or a JSONL file of "
                                               '{"image": ..., "prompt": ...} records')
+    add_scorer_args(p)
     add_clip_args(p)
     p.add_argument("--prompt-set", metavar="DIR", help="take the concept texts from DIR/concept.txt and "
                                                          "DIR/anti_concept.txt")
@@ -33,42 +36,33 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..eval import check_concept_texts
     from .journal import Journal
-    from .scoring import run_scoring, summarize, write_summary
+    from .scoring import (check_prompts, choose_judge, load_scorers, run_scoring, scoring_settings, summarize,
+                          summary_columns, write_summary)
 
     state = process_state(args.cpu, args.threads)
     concept, anti = concept_texts(args)
-    if concept:
-        check_concept_texts(concept, anti)
+    judge = choose_judge(args, concept, anti)
     root, records = load_run(args.run_path)
     out = Path(args.out) if args.out else root
     device = device_for(state, args.cpu)
-    dtype = torch_dtype(args.dtype, device)
-    settings = clip_settings(args, concept, anti, dtype)
-    clip = load_clip_model(args, device=device, dtype=dtype)
+    scorers = load_scorers(args, concept=concept, anti=anti, device=device, dtype=torch_dtype(args.dtype, device))
+    check_prompts(scorers, [r["prompt"] for r in records])
+    settings = scoring_settings(scorers, judge)
     journal = Journal(out, "scores", settings, state, overwrite=args.overwrite)
-    scores = run_scoring(records, root=root, clip=clip, concept=concept, anti_concept=anti,
-                         threshold=args.concept_threshold, journal=journal, state=state,
+    scores = run_scoring(records, root=root, scorers=scorers, judge=judge, journal=journal, state=state,
                          batch_size=args.clip_batch_size, progress=args.progress)
     if state.is_main_process:
-        table = write_summary(out, summarize(scores), settings)
+        columns = summary_columns(scorers, judge)
+        table = write_summary(out, summarize(scores, columns), settings, columns)
         notes = []
-        if not concept:
-            notes.append("no concept texts given: pass --concept / --anti-concept (or --prompt-set) for the "
-                         "concept rate")
+        if judge is None:
+            notes.append("no scorer judges a concept: pass --concept / --anti-concept (or --prompt-set) for CLIP's "
+                         "concept rate, --scorers nudenet, or --scorers toy --toy-concept WORD")
         if not any(r.get("mode") == "unsteered" for r in records):
             notes.append("no unsteered images in this run: drift needs them (dsas generate --compare, or dsas sweep)")
         echo(state, table, *notes, f"scores in {out / 'scores.jsonl'}, summary in {out / 'summary.md'}")
     return 0
-
-
-def clip_settings(args, concept: list[str], anti: list[str], dtype) -> dict:
-    """What every score depends on besides its image and prompt: scores made otherwise (an fp16 sweep's,
-    say) are never reused."""
-    return {"clip_backend": args.clip_backend, "clip_model": args.clip_model,
-            "clip_dtype": str(dtype).replace("torch.", ""), "concept": concept, "anti_concept": anti,
-            "concept_threshold": args.concept_threshold}
 
 
 def load_run(path: str) -> tuple[Path, list[dict]]:

@@ -7,6 +7,7 @@ preprocesses images with PIL and torch only, as CLIP was trained (shortest side 
 centre crop, normalised), so torchvision is never needed.
 
 CLIP score: `100 * max(cos(image, prompt), 0)`, the convention of torchmetrics' `CLIPScore`.
+`ClipScorer` is the `clip` scorer of `dsas eval` / `dsas sweep` (see scorers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+
+from .concept import check_concept_texts, concept_probabilities
+from .drift import embedding_drift
+from .scorers import Scorer, ScorerOptions, register_scorer
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_OPEN_CLIP_MODEL = "ViT-B-32:laion2b_s34b_b79k"
@@ -150,6 +155,61 @@ def preprocess_image(image: Image.Image, size: int, mean=OPENAI_MEAN, std=OPENAI
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
     pixels = pixels.permute(2, 0, 1).float() / 255.0
     return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@register_scorer("clip")
+class ClipScorer(Scorer):
+    """Per image: `clip_score` against its prompt, `drift_clip` from its twin (1 - cosine of the image
+    embeddings) and, given concept texts, `clip_concept_prob` by zero-shot classification."""
+
+    concept_hint = "pass concept and anti-concept texts (--concept / --anti-concept, or --prompt-set)"
+    columns = (("clip_score", "clip_score", "mean", "CLIP score"), ("drift_clip", "drift_clip", "mean", "drift (CLIP)"))
+
+    def __init__(self, embedder: ClipEmbedder, concept=(), anti_concept=(), threshold: float = 0.5,
+                 settings: dict | None = None):
+        if concept or anti_concept:
+            check_concept_texts(concept, anti_concept)
+        self.embedder, self.threshold, self._settings = embedder, threshold, settings or {}
+        self._concept = embedder.text_embeddings(list(concept)) if concept else None
+        self._anti = embedder.text_embeddings(list(anti_concept)) if concept else None
+
+    @classmethod
+    def load(cls, options: ScorerOptions) -> "ClipScorer":
+        default = DEFAULT_CLIP_MODEL if options.clip_backend == "transformers" else DEFAULT_OPEN_CLIP_MODEL
+        embedder = load_clip(options.clip_backend, options.clip_model, options.device, options.dtype,
+                             options.batch_size)
+        settings = {"clip_backend": options.clip_backend, "clip_model": options.clip_model or default,
+                    "clip_dtype": str(options.dtype).replace("torch.", ""), "concept": list(options.concept),
+                    "anti_concept": list(options.anti_concept), "concept_threshold": options.concept_threshold}
+        return cls(embedder, options.concept, options.anti_concept, options.concept_threshold, settings)
+
+    @classmethod
+    def judges(cls, options: ScorerOptions) -> bool:
+        return bool(options.concept)
+
+    def settings(self) -> dict:
+        return self._settings
+
+    def score(self, images, prompts, twins):
+        emb = self.embedder.image_embeddings(images)
+        cs = clip_scores(emb, self.embedder.text_embeddings(prompts))
+        cp = (concept_probabilities(emb, self._concept, self._anti, self.embedder.logit_scale)
+              if self._concept is not None else None)
+        out = []
+        for i, twin in enumerate(twins):
+            fields = {"clip_score": round(float(cs[i]), 4), "drift_clip": None}
+            if twin is not None and twin != i:
+                fields["drift_clip"] = round(float(embedding_drift(emb[i:i + 1], emb[twin:twin + 1])[0]), 6)
+            if cp is not None:
+                fields["clip_concept_prob"] = round(float(cp[i]), 4)
+            out.append(fields)
+        return out
+
+    def concept(self, fields: dict) -> tuple[float, bool]:
+        if self._concept is None:
+            return super().concept(fields)
+        p = fields["clip_concept_prob"]
+        return p, p > self.threshold
 
 
 def _features(out) -> torch.Tensor:

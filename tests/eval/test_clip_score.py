@@ -67,7 +67,8 @@ def test_unknown_backend_and_missing_open_clip(monkeypatch):
 def test_optional_packages_are_never_imported_up_front():
     code = ("import sys, dsas_diffusion.eval, dsas_diffusion.cli, dsas_diffusion.prompt_files; "
             "from dsas_diffusion.cli import build_parser; build_parser(); "
-            "bad = [m for m in ('open_clip', 'torchvision', 'matplotlib', 'diffusers', 'transformers') "
+            "bad = [m for m in ('open_clip', 'torchvision', 'matplotlib', 'diffusers', 'transformers', 'nudenet', "
+            "'onnxruntime', 'cv2') "
             "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
