@@ -66,6 +66,12 @@ class HookSet:
     never see each other's.
     """
 
+    # hooks that replace a layer's output go first among the module's forward hooks, whenever the others
+    # were added, so whoever else reads the layer's output sees it steered (transformers 5 records
+    # `hidden_states` with hooks installed at a model's first forward; SDXL and SD3 read CLIP's
+    # hidden_states[-2]); others (a capture) run in the order they were added, after those
+    first = False
+
     def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model",
                  elements: dict[str, int] | None = None):
         check_not_compiled(root, what)
@@ -104,10 +110,7 @@ class HookSet:
         self._handles.append(self.root.register_forward_pre_hook(
             lambda m, args, kwargs: self._begin_call(args, kwargs), with_kwargs=True))
         for name, module in self.modules.items():
-            # first among the module's forward hooks, whenever they were added: whoever else reads the layer's
-            # output (transformers 5 records `hidden_states` with hooks installed at a model's first forward;
-            # SDXL and SD3 read CLIP's hidden_states[-2]) sees it steered
-            self._handles.append(module.register_forward_hook(self._make_hook(name), prepend=True))
+            self._handles.append(module.register_forward_hook(self._make_hook(name), prepend=self.first))
 
     def _make_hook(self, name: str):
         element = self.elements.get(name, 0)

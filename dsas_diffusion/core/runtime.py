@@ -221,6 +221,8 @@ class SteeringHandle(RunOptionAttributes, HookSet):
     are about the calling thread's own calls.
     """
 
+    first = True  # before any other forward hook of a steered module (see HookSet.first)
+
     def __init__(
         self,
         steering: "Steering",

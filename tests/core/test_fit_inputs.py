@@ -237,7 +237,9 @@ def test_steering_a_layer_whose_output_became_a_dict_names_it_at_run_time():
     model = make_model("llama")
     steering = fitted("llama")
     name = steering.steered_layers[0]
-    model.get_submodule(name).register_forward_hook(lambda m, a, out: {"hidden_states": out})
+    module = model.get_submodule(name)
+    forward = module.forward  # the module itself returns a dict (a forward hook would run after the steering's)
+    module.forward = lambda *args, **kwargs: {"hidden_states": forward(*args, **kwargs)}
     with attach(steering, model, 1.0):
         with pytest.raises(ValueError, match=rf"layer '{re.escape(name)}' \(\w+\) returns a dict .*hidden_states"):
             model(**right_padded(make_tokenizer(), ["i see a banana"]))
