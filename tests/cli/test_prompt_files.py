@@ -104,7 +104,9 @@ def test_shipped_prompt_sets_are_complete(name):
     folder = PROMPT_SETS / name
     sets = {role: read_prompts(prompt_set_file(folder, role)) for role in PROMPT_SET_FILES}
     assert (folder / "README.md").is_file()
-    assert len(sets["source"]) == len(sets["target"]) >= 16 and len(sets["control"]) >= 16
+    # the toy world has 12 red scenes off the grey background that is held out: all of them are fitted on
+    least = 12 if name.startswith("toy-") else 16
+    assert len(sets["source"]) == len(sets["target"]) >= least and len(sets["control"]) >= 16
     assert not set(sets["source"]) & set(sets["control"]) and not set(sets["heldout_source"]) & set(sets["source"])
     assert all(len(p.split()) < 40 for prompts in sets.values() for p in prompts)  # well inside CLIP's 77 tokens
 
