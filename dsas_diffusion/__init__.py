@@ -5,6 +5,7 @@ imported on first use, so `import dsas_diffusion` stays light.
 """
 
 from .core import Steering, SteeringConfig
+from .llm import sequence as _llm_sequence  # noqa: F401  registers how `Steering.attach` reads a causal LM
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ With a KV cache the running gate state of a row belongs to that row's cached seq
 that moves the cache's rows (beam search reorders them, contrastive search selects and repeats
 them) must move the state with them, and decoding that crops the cache (assisted generation,
 prompt lookup) must take the state back to the kept length: `Sequence` does both for the cache
-it follows (`core.sequence.follow_cache` wires it to the cache's own methods).
+it follows (`llm.sequence.follow_cache` wires it to the cache's own methods).
 """
 
 from __future__ import annotations

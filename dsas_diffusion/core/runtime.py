@@ -358,7 +358,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         return call
 
     def new_sequence(self, call: SteeringCall, cache) -> Sequence:
-        """`call`'s sequence from now on, following `cache` (see `core.sequence.follow_cache`)."""
+        """`call`'s sequence from now on, following `cache` (see `dsas_diffusion.llm.sequence.follow_cache`)."""
         call.sequence = Sequence(call, self.gating, cache)
         return call.sequence
 

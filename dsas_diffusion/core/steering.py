@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -18,12 +19,32 @@ from .maps import SteeringMap, map_class
 from .modules import check_not_compiled, get_module
 from .options import RunOptions, check_bool, check_layers, check_option_names
 from .runtime import SteeringHandle
-from .sequence import causal_lm_pre_forward, takes_attention_mask
+
+if TYPE_CHECKING:
+    from .hooks import PreForward
 
 _FINGERPRINT_KEY = FINGERPRINT_KEY
 _ATTACH_OPTIONS = ("strength", "prefix", "gated", "layers", "check_model", "owner", "gating", "lambda_floor",
                    "skip_first_token", "record_scales", "pre_forward")
 _AUTO = object()  # pre_forward not given: chosen from the model
+# How a model attached under its own names is read, offered by integrations: the core knows no model
+# family's conventions (`dsas_diffusion.llm.sequence` registers transformers causal LMs)
+_DEFAULT_PRE_FORWARDS: list[Callable[[torch.nn.Module], "PreForward | None"]] = []
+
+
+def register_default_pre_forward(factory: Callable[[torch.nn.Module], "PreForward | None"]):
+    """Register `factory(model) -> pre_forward or None`, asked in order when `attach` gets no
+    pre_forward for a model attached under its own names; the first that answers is used."""
+    _DEFAULT_PRE_FORWARDS.append(factory)
+    return factory
+
+
+def _default_pre_forward(model: torch.nn.Module) -> "PreForward | None":
+    for factory in _DEFAULT_PRE_FORWARDS:
+        found = factory(model)
+        if found is not None:
+            return found
+    return None
 
 
 class Steering:
@@ -118,9 +139,10 @@ class Steering:
         every fitted layer for `gated=False`, plain steering with lambda = 1); returns a handle usable
         as a context manager. Other options (gating, lambda_floor, skip_first_token, record_scales,
         pre_forward) override the config's run-time defaults for this attachment. A model attached
-        under its own names (no prefix) whose forward takes an `attention_mask` (a transformers
-        language model) gets `causal_lm_pre_forward` unless another pre_forward is given: padding
-        is read from the mask and the gate state carried across the KV-cached calls of a generation.
+        under its own names (no prefix) with no pre_forward given gets the one an integration
+        registered for it (`register_default_pre_forward`): a transformers language model gets
+        `dsas_diffusion.llm.causal_lm_pre_forward`, which reads padding from its attention mask and
+        carries the gate state across the KV-cached calls of a generation.
 
         A module already steered by a live attachment is refused (it would be steered twice), except
         between attachments of one `owner`: an integration (a pipeline) that keeps its attachments
@@ -148,7 +170,7 @@ class Steering:
             raise ValueError(f"none of the chosen layers starts with prefix={prefix!r}, so nothing would be steered; "
                              f"this steering's layers: {self.layers[:4]} ...")
         if pre_forward is _AUTO:
-            pre_forward = causal_lm_pre_forward(model) if not prefix and takes_attention_mask(model) else None
+            pre_forward = _default_pre_forward(model) if not prefix else None
         modules = {full: get_module(model, local, what) for full, local in names.items()}
         return attach_exclusively(modules, self, what, owner, lambda: SteeringHandle(
             self, model, names, **run.as_kwargs(), pre_forward=pre_forward, what=what))

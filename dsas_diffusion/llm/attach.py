@@ -10,7 +10,7 @@ and cleared when a new sequence starts, so a new token's lambda costs O(1).
         handle.scales   # {layer name: (batch, tokens)}: every token but the last generated one
 
 Each forward call without a past (a new `generate()`, a plain forward) starts a new sequence and
-replaces the recorded lambdas. The running state follows the KV cache (`core.sequence.follow_cache`):
+replaces the recorded lambdas. The running state follows the KV cache (`llm.sequence.follow_cache`):
 beam search, which reorders the cache's rows, works under every gating mode (`causal`, the
 language-model default that `fit_steering` writes, `token` and `sequence`); assisted generation
 and prompt lookup, which crop it, work with `causal` and `token` gating and are refused with

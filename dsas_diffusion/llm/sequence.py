@@ -1,5 +1,181 @@
-"""Token masks and KV-cache state of causal-LM calls; they live in the core (no transformers import)."""
+"""Which tokens of a causal-LM forward call are real, and whether the call starts a new sequence.
 
-from ..core.sequence import cache_length, call_tokens, causal_lm_pre_forward, takes_attention_mask
+The hooks need both: padding must never enter a gate's mean, and with a KV cache each call
+continues the sequence of the previous one, so the per-row running (mean, count) of gate logits
+must survive between calls and be cleared when a new sequence begins. It must also follow the
+cache: `follow_cache` makes a transformers `Cache` move the state's rows when it moves its own
+(beam search: `reorder_cache`) and take the state back when it is cropped (assisted generation).
 
-__all__ = ["cache_length", "call_tokens", "causal_lm_pre_forward", "takes_attention_mask"]
+Reads the arguments a transformers causal LM receives (`attention_mask`, `input_ids` /
+`inputs_embeds`, `cache` / `past_key_values`) by name only and imports nothing from
+transformers. These are a language model's conventions, so they live here and not in the core:
+this module registers `causal_lm_pre_forward` as the default `pre_forward` of `Steering.attach`
+for a model attached under its own module names whose forward takes an `attention_mask`, as
+every transformers language model's does (`core.steering.register_default_pre_forward`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from ..core.hooks import HookSet, PreForward
+from ..core.steering import register_default_pre_forward
+
+
+def _positional_names(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input_ids"]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def cache_length(cache) -> int:
+    """Tokens already held by a KV cache: a transformers `Cache`, a legacy tuple, or None."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy ((key, value), ...) with key (B, heads, past, head_dim)
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def call_tokens(kwargs: dict) -> tuple[torch.Tensor | None, int]:
+    """(valid mask (B, K) of this call's tokens or None for all real, tokens already in the cache).
+
+    With a KV cache, generate() passes the mask of the whole sequence (B, past + K); this call's
+    tokens are its last K columns. The past length is read from the mask's shape when there is
+    one (no host-device synchronisation), else from the cache.
+    """
+    k = _new_tokens(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and k is not None and mask.shape[1] >= k:
+        return mask[:, mask.shape[1] - k:].bool(), mask.shape[1] - k
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return None, cache_length(cache)
+
+
+def _new_tokens(kwargs: dict) -> int | None:
+    x = kwargs.get("input_ids")
+    if not isinstance(x, torch.Tensor):
+        x = kwargs.get("inputs_embeds")
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+def takes_attention_mask(model: nn.Module) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_lm_pre_forward(model: nn.Module) -> PreForward:
+    """A `pre_forward` for hooks on `model`: sets `hooks.valid` from the attention mask and, on a
+    steering handle, keeps the running gate state across cached calls of one sequence, moves it
+    with the cache's rows, and clears it (and the recorded lambdas) when a call starts a new one."""
+    names = _positional_names(model)
+
+    # run eagerly, before the compiled graph of the forward: it keeps Python state (the sequence, the
+    # cache it follows) that a graph would have to guard on, and its one tensor op is a slice of the mask
+    @torch.compiler.disable
+    def pre_forward(hooks: HookSet, args: tuple, kwargs: dict) -> None:
+        named = {**dict(zip(names, args)), **kwargs}
+        valid, past = call_tokens(named)
+        hooks.valid = valid
+        sequence_call = getattr(hooks, "sequence_call", None)  # a SteeringHandle, not an ActivationCapture
+        if sequence_call is not None:
+            call = sequence_call(past, _new_tokens(named))
+            cache = named.get("cache", named.get("past_key_values"))
+            followed = call.sequence
+            if cache is not None and (followed is None or followed.cache() is not cache):
+                follow_cache(cache, hooks, call)
+
+    return pre_forward
+
+
+_FOLLOWERS = "_dsas_steering_followers"
+# the cache methods that move its batch rows, and the same move for any (B, ...) tensor
+_ROW_MOVES = {
+    "reorder_cache": lambda beam_idx: lambda t: t.index_select(0, torch.as_tensor(beam_idx, device=t.device)),
+    "batch_select_indices": lambda indices: lambda t: t[torch.as_tensor(indices, device=t.device)],
+    "batch_repeat_interleave": lambda repeats: lambda t: t.repeat_interleave(repeats, dim=0),
+}
+
+
+@torch.compiler.disable  # wraps Python methods of the cache: nothing for a graph, and only once per sequence
+def follow_cache(cache, handle, call) -> None:
+    """Make `cache` keep the running gate state of `call` (a thread's state of steering `handle`) in
+    step with its own rows and length: after each `reorder_cache` / `batch_select_indices` /
+    `batch_repeat_interleave` the state's rows move alike, after a `crop` the state goes back to the
+    kept length (or the crop is refused with a ValueError where that cannot be exact).
+
+    The cache's methods are wrapped on the instance, once; each sequence that uses the cache adds
+    itself to the list they notify. A copy of the cache (`copy.deepcopy`) gets wrappers of its own
+    and no followers. A cache that cannot move its rows in place (a legacy tuple, which current
+    transformers no longer accept) is left alone."""
+    if not hasattr(cache, "reorder_cache") or not hasattr(cache, "__dict__"):
+        return
+    sequence = handle.new_sequence(call, cache)
+    followers = cache.__dict__.get(_FOLLOWERS)
+    if followers is None:
+        followers = _Followers()
+        for method in (*_ROW_MOVES, "crop"):
+            if callable(getattr(cache, method, None)):
+                setattr(cache, method, _Notifying(cache, method, cache.__dict__.get(method)))
+        setattr(cache, _FOLLOWERS, followers)
+    followers[:] = [f for f in followers if f.live] + [sequence]
+
+
+class _Followers(list):
+    """The sequences a cache notifies; a copy of the cache starts with none (nothing follows it yet)."""
+
+    def __copy__(self):
+        return _Followers()
+
+    def __deepcopy__(self, memo):
+        return _Followers()
+
+
+class _Notifying:
+    """A cache method that runs as before, then tells the cache's live followers what it did."""
+
+    def __init__(self, cache, method: str, own=None):
+        self.cache, self.method, self.own = cache, method, own  # `own`: an instance override it replaces
+
+    def _run(self, *args, **kwargs):
+        if self.own is not None:
+            return self.own(*args, **kwargs)
+        return getattr(type(self.cache), self.method)(self.cache, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        followers = [f for f in self.cache.__dict__.get(_FOLLOWERS, ()) if f.live]
+        if self.method == "crop":
+            before = cache_length(self.cache)
+            out = self._run(*args, **kwargs)
+            removed = before - cache_length(self.cache)
+            for follower in followers:
+                follower.cropped(removed)
+            return out
+        out = self._run(*args, **kwargs)
+        move = _ROW_MOVES[self.method](*args, **kwargs)
+        for follower in followers:
+            follower.rows_moved(move)
+        return out
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the cache holds a copy of this: the same method, of the copy."""
+        copied = memo.get(id(self.cache))
+        own = None if self.own is None else copy.deepcopy(self.own, memo)
+        return _Notifying(copied if copied is not None else self.cache, self.method, own)
+
+
+@register_default_pre_forward
+def _for_causal_lm(model: nn.Module) -> PreForward | None:
+    return causal_lm_pre_forward(model) if takes_attention_mask(model) else None

@@ -1,8 +1,10 @@
 """The Steering artifact: attach / detach invariants, save / load, and refusing what does not fit."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +190,17 @@ def test_core_imports_neither_diffusers_nor_transformers():
     code = ("import sys, dsas_diffusion.core, dsas_diffusion; "
             "bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_core_holds_no_model_family_conventions():
+    """How a causal LM's calls are read (its attention mask, its KV cache) is the llm integration's,
+    registered with the core; the core's own files never name those arguments."""
+    import dsas_diffusion.core.steering as core_steering
+    from dsas_diffusion.llm.sequence import _for_causal_lm
+
+    assert core_steering._DEFAULT_PRE_FORWARDS == [_for_causal_lm]
+    core = Path(core_steering.__file__).parent
+    assert not [p.name for p in core.glob("*.py") if re.search(r"attention_mask|past_key_values", p.read_text())]
 
 
 def test_layer_order_is_the_same_after_save_and_load(tmp_path):
