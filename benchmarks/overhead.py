@@ -80,39 +80,38 @@ def diffusion(args) -> dict:
 def families(args) -> dict:
     """SDXL-sized and FLUX-sized pipelines (`denoisers.py`): a stock pipeline object steered with
     `apply_dsas` in text encoders and denoiser, against the same object with it removed. Full size
-    with --device cuda (not --quick); on a CPU the reduced structures at a few steps."""
-    import gc
+    with --device cuda (not --quick); on a CPU the reduced structures at a few steps. One family at
+    a time: its pipeline is freed before the next is built."""
+    results = {}
+    for family in ("stable_diffusion_xl", "flux"):
+        results.update(_family(family, args))
+    return results
 
+
+def _family(family: str, args) -> dict:
     from dsas_diffusion import apply_dsas, remove_dsas
 
     from .denoisers import SIZES, pipeline, steering_for
 
     full = args.device.startswith("cuda") and not args.quick
-    results = {}
-    for family in ("stable_diffusion_xl", "flux"):
-        pipe = pipeline(family, full, device=args.device, dtype=args.dtype)
-        size = SIZES[family][full]
-        steering = steering_for(pipe, size)
-        kw = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
+    pipe = pipeline(family, full, device=args.device, dtype=args.dtype)
+    size = SIZES[family][full]
+    steering = steering_for(pipe, size)
+    kw = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
 
-        def gen(prompt):
-            return lambda: pipe(prompt, generator=torch.Generator().manual_seed(0), **kw)
+    def gen():
+        pipe("a photo of a red banana in the kitchen", generator=torch.Generator().manual_seed(0), **kw)
 
-        def off():
-            remove_dsas(pipe)
-
-        def on():
-            remove_dsas(pipe)
-            apply_dsas(pipe, steering)
-
-        name = family.replace("stable_diffusion_xl", "SDXL-sized").replace("flux", "FLUX-sized")
-        results.update(compare({f"{name}, both places": ((off, gen("a photo of a red banana in the kitchen")),
-                                                          (on, gen("a photo of a red banana in the kitchen")))},
-                               args.device, args.repeats))
+    def on():
         remove_dsas(pipe)
-        del pipe, steering
-        gc.collect()
-    return results
+        apply_dsas(pipe, steering)
+
+    name = {"stable_diffusion_xl": "SDXL-sized", "flux": "FLUX-sized"}[family]
+    try:
+        return compare({f"{name}, both places": ((lambda: remove_dsas(pipe), gen), (on, gen))},
+                       args.device, args.repeats)
+    finally:
+        remove_dsas(pipe)
 
 
 def fitting(args) -> dict:
