@@ -12,8 +12,9 @@ from .common import add_generation_args, add_output_args, add_prompt_args, add_r
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate", help="generate images with a steering, with lambda overlays",
-        description="Generate images with DSAS. Writes images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (the UNet "
-                    "lambda map over the image and the prompt's per-token lambdas) and results.jsonl (one record per "
+        description="Generate images with DSAS. Writes images/VARIANT/UNIT.png, overlays/VARIANT/UNIT.png (the "
+                    "denoiser's lambda map over the image and the prompt's per-token lambdas, captioned with the "
+                    "layers and steps they average) and results.jsonl (one record per "
                     "image, written as it goes); started again, it resumes where it stopped. A run with other "
                     "settings (another --alpha, --steps, steering ...) into the same --out is refused unless "
                     "--overwrite.")
@@ -22,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=types.strength, default=1.0, help="steering strength (default: 1.0)")
     p.add_argument("--compare", action="store_true",
                    help="also draw unsteered and plain-steering images; compare/UNIT-aALPHA.png shows the three side "
-                        "by side")
+                        "by side, with the prompt, seed and alpha")
     add_output_args(p)
     add_runtime_args(p)
     p.set_defaults(handler=run)

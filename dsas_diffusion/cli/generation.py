@@ -62,6 +62,11 @@ def comparison_path(unit: "Unit", alpha: float) -> Path:
     return Path("compare") / f"{unit.key}-a{alpha_tag(alpha)}.png"
 
 
+def comparison_caption(prompt: str, seed: int, alpha: float) -> str:
+    """What a comparison strip states under its images: the prompt, the seed and the strength."""
+    return f'prompt: "{prompt}"   seed: {seed}   alpha: {alpha:g}'
+
+
 def make_units(groups: dict[str, list[PromptRow]], seeds: list[int], guidance: float) -> list[Unit]:
     """Every prompt at every seed; a row's own seed (I2P files) replaces the seed list for that row."""
     units = []
@@ -132,7 +137,7 @@ def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height:
     """One image (and, for DSAS, its lambda overlay), written atomically; returns its record."""
     import torch
 
-    from ..eval.overlays import lambda_map, lambda_overlay, token_lambdas
+    from ..eval.overlays import averaged_over, lambda_map, lambda_overlay, token_lambdas
 
     dsas = variant.mode == "dsas"
     result = pipe(unit.prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
@@ -154,7 +159,7 @@ def render(pipe, unit: Unit, variant: Variant, *, out: Path, steps: int, height:
         first = {k: v for k, v in result.steering_scales.items() if k.startswith("text_encoder.")}  # pipe.tokenizer's
         tokens, sequence = token_lambdas(first, pipe.tokenizer, unit.prompt)
         overlay = Path("overlays") / variant.name / f"{unit.key}.png"
-        save_png(lambda_overlay(image, lam, tokens), out / overlay)
+        save_png(lambda_overlay(image, lam, tokens, caption=averaged_over(result.steering_scales)), out / overlay)
         record.update(overlay=overlay.as_posix(), token_lambdas=[list(t) for t in tokens], sequence_lambda=sequence,
                       image_lambda=None if lam is None else round(float(lam.mean()), 4))
     return record
@@ -174,7 +179,8 @@ def compose_comparison(out: Path, unit: Unit, variants: list[Variant], alpha: fl
     for p in paths:
         with Image.open(p) as im:
             images.append(im.convert("RGB"))
-    save_png(compare_strip(images, [v.label for v in variants]), target)
+    caption = comparison_caption(unit.prompt, unit.seed, alpha)
+    save_png(compare_strip(images, [v.label for v in variants], caption=caption), target)
 
 
 def save_png(image, path: str | os.PathLike) -> str:

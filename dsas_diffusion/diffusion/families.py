@@ -2,7 +2,9 @@
 
 A family is recognised by the stock diffusers class a pipeline is (or subclasses), and says:
 - its text encoders and their tokenizers (the padding of each is read from the `attention_mask`
-  the pipeline passes, or from the token ids when it passes none: positions after the first EOS);
+  the pipeline passes, or from the token ids when it passes none: positions after the first EOS),
+  and which of them start a prompt with a BOS token: `skip_first_token` skips that BOS, and where
+  there is none (T5) the first token is a word of the prompt, steered, fitted and shown like the rest;
 - its denoiser, the layers steered by default, and which element of a layer's output is the
   image stream (SD3 and FLUX joint blocks return `(text, image)`; their attention `(image, text)`);
 - how classifier-free guidance is laid out: `batched` [negative; positive] halves of one denoiser
@@ -64,6 +66,8 @@ class Family:
     max_length: dict[str, int] = field(default_factory=dict)  # tokens an encoder reads, where not 77
     # a denoiser argument given only to extra positive-only forwards (SD3's skip-layer guidance)
     extra_forward: str | None = None
+    # text encoders whose tokenizer starts a prompt with no BOS token (T5)
+    without_bos: tuple[str, ...] = ()
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -71,6 +75,15 @@ class Family:
 
     def tokenizer_of(self, text_encoder: str) -> str:
         return dict(self.text_encoders)[text_encoder]
+
+    def has_bos(self, component: str) -> bool:
+        """Whether the first position `component` reads is a BOS token, the same in every prompt (CLIP),
+        rather than a word (T5) or an image patch (the denoiser): what `skip_first_token` skips."""
+        return component != self.denoiser and component not in self.without_bos
+
+    def skip_first_token(self, component: str, skip_first_token: bool) -> bool:
+        """The steering's `skip_first_token` as it applies to `component`, at run time and in fitting."""
+        return skip_first_token and self.has_bos(component)
 
     def element(self, module: torch.nn.Module) -> int:
         return self.image_element.get(type(module).__name__, 0)
@@ -124,14 +137,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
            "transformer", JOINT_ATTENTION_LAYERS, "batched", _encode_sd3,
            positive_outputs={"prompt_embeds": 0, "pooled_prompt_embeds": 2}, repeats_given_embeddings=False,
-           extra_forward="skip_layers", image_element={"JointTransformerBlock": 1}, max_length={"text_encoder_3": 256}),
+           extra_forward="skip_layers", image_element={"JointTransformerBlock": 1}, max_length={"text_encoder_3": 256},
+           without_bos=("text_encoder_3",)),
     Family("flux", "FluxPipeline", (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
            "transformer", JOINT_ATTENTION_LAYERS, "separate", _encode_flux,
            image_element={"FluxTransformerBlock": 1, "FluxSingleTransformerBlock": 1},
-           max_length={"text_encoder_2": 512}),
+           max_length={"text_encoder_2": 512}, without_bos=("text_encoder_2",)),
     Family("pixart_sigma", "PixArtSigmaPipeline", (("text_encoder", "tokenizer"),), "transformer", PIXART_LAYERS,
            "batched", _encode_pixart, positive_outputs={"prompt_embeds": 0, "prompt_attention_mask": 1},
-           max_length={"text_encoder": 300}),
+           max_length={"text_encoder": 300}, without_bos=("text_encoder",)),
 )}
 _BY_CLASS = {f.pipeline: f for f in FAMILIES.values()}
 

@@ -422,9 +422,11 @@ def attach_to_pipeline(pipe, steering, strength: float = 1.0, *, gated: bool = T
             # owner: the integration switches its attachments on and off per call and branch, so the ones of
             # a named pipeline (its set steering and a per-call one) may share modules; anyone else's may not.
             # Each layer's steered output element (the image stream of a joint block) is in the steering.
+            # skip_first_token skips a BOS; a T5 prompt's first token is a word, a DiT's first an image patch
+            skip_first = family.skip_first_token(component, steering.config.skip_first_token)
             handles[component] = steering.attach(module, strength, prefix=f"{component}.", layers=steering.layers,
                                                  gated=gated, check_model=False, owner=integration,
-                                                 pre_forward=pre_forward)
+                                                 pre_forward=pre_forward, skip_first_token=skip_first)
     except BaseException:
         for handle in handles.values():
             handle.detach()

@@ -1,10 +1,11 @@
-"""The lambdas as pictures: a UNet lambda map over the image, the per-token lambdas of the prompt,
-and side-by-side comparisons (unsteered | plain steering | DSAS).
+"""The lambdas as pictures: a denoiser lambda map over the image, the per-token lambdas of the prompt,
+and side-by-side comparisons (unsteered | plain steering | DSAS), each captioned with what it shows.
 
-`scales` is a pipeline output's `steering_scales`: text-encoder layers (prompts, tokens) and UNet
-layers (steps, images, h, w). The map shown is the mean over UNet layers (each resized to the
-image, bilinear) and denoising steps; the token lambdas are the mean over text-encoder layers.
-PIL and numpy only.
+`scales` is a pipeline output's `steering_scales`: text-encoder layers (prompts, tokens) and denoiser
+layers (steps, images, h, w). The map shown is the mean over denoiser layers (each resized to the
+image, bilinear) and denoising steps; the token lambdas are the mean over text-encoder layers;
+`averaged_over` says which, in the overlay's caption. Small images are enlarged (nearest) so that
+the text drawn next to them is legible. PIL and numpy only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 # viridis at 0, .25, .5, .75, 1: dark = not steered, yellow = fully steered
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
-MIN_PANEL = 256
+MIN_PANEL = 256  # px: a 32 px toy image is drawn 8x, so a caption's lines are not wider than the picture
+FONT_SIZE = 13
+GAP = 6  # px of white between side-by-side pictures
 
 
 def colormap(values) -> np.ndarray:
@@ -45,27 +48,50 @@ def lambda_map(scales: dict[str, torch.Tensor] | None, size: tuple[int, int], ro
 def token_lambdas(scales: dict[str, torch.Tensor] | None, tokenizer, prompt: str,
                   row: int = 0) -> tuple[list[tuple[str, float]], float | None]:
     """([(token, lambda)] for the prompt's real tokens, the sequence-level lambda) averaged over the
-    text-encoder layers; ([], None) if no text-encoder layer was steered. BOS and EOS are left out;
-    the sequence lambda is read at the last position (padding takes the sequence decision)."""
+    text-encoder layers; ([], None) if no text-encoder layer was steered. A BOS (CLIP's, never steered)
+    and the EOS are left out; a tokenizer with no BOS (T5) starts with a word, which is shown. The
+    sequence lambda is read at the last position (padding takes the sequence decision)."""
     rows = [lam[row].float() for lam in (scales or {}).values() if lam.dim() == 2]
     if not rows:
         return [], None
     lam = torch.stack(rows).mean(0)
     ids = tokenizer(prompt, padding="max_length", max_length=lam.shape[0], truncation=True).input_ids
-    eos = tokenizer.eos_token_id
-    end = next((i for i in range(1, len(ids)) if ids[i] == eos), len(ids))
-    tokens = tokenizer.convert_ids_to_tokens(ids[1:end])
-    pairs = [(t.replace("</w>", ""), round(float(v), 4)) for t, v in zip(tokens, lam[1:end])]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    start = 1 if bos is not None and ids and ids[0] == bos else 0
+    end = next((i for i in range(start, len(ids)) if ids[i] == eos), len(ids))
+    pairs = [(tokenizer.decode([i]).strip(), round(float(v), 4)) for i, v in zip(ids[start:end], lam[start:end])]
     return pairs, round(float(lam[-1]), 4)
 
 
+def averaged_over(scales: dict[str, torch.Tensor] | None, text_prefix: str = "text_encoder.") -> str:
+    """The overlay's caption: which layers (and steps) the map and the token lambdas are means of."""
+    scales = scales or {}
+    maps = [n for n, lam in scales.items() if lam.dim() == 4]
+    texts = [n for n, lam in scales.items() if lam.dim() == 2 and n.startswith(text_prefix)]
+    lines = []
+    if maps:
+        steps = scales[maps[0]].shape[0]
+        lines.append(f"lambda map: mean over {steps} denoising step{'s' * (steps != 1)} and {_layers(maps)}")
+    if texts:
+        lines.append(f"token lambdas: mean over {_layers(texts)}")
+    return "\n".join(lines)
+
+
+def _layers(names: list[str]) -> str:
+    """'3 layers of transformer: a, b, c' (the first and last of a long list)."""
+    component = names[0].split(".", 1)[0]
+    short = [n.split(".", 1)[1] if n.startswith(f"{component}.") else n for n in names]
+    shown = ", ".join(short) if len(short) <= 3 else f"{short[0]}, ..., {short[-1]}"
+    return f"{len(names)} layer{'s' * (len(names) != 1)} of {component}: {shown}"
+
+
 def lambda_overlay(image: Image.Image, lam: torch.Tensor | None, tokens: list[tuple[str, float]] | None = None,
-                   opacity: float = 0.55) -> Image.Image:
+                   opacity: float = 0.55, caption: str = "") -> Image.Image:
     """[image | image blended with the lambda map], above a strip of the prompt's tokens coloured by
-    their lambda and a colour scale. Small images are enlarged (nearest) to at least 256 px wide."""
+    their lambda, a colour scale and `caption` (see `averaged_over`). Small images are enlarged
+    (nearest) to at least MIN_PANEL px wide."""
     image = image.convert("RGB")
-    factor = max(1, math.ceil(MIN_PANEL / image.width))
-    base = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    base = _enlarged(image, MIN_PANEL)
     panels = [base]
     if lam is not None:
         heat = colormap(lam.numpy()).astype(np.float32)
@@ -73,38 +99,75 @@ def lambda_overlay(image: Image.Image, lam: torch.Tensor | None, tokens: list[tu
                           dtype=np.float32)
         blend = (1 - opacity) * np.asarray(base, dtype=np.float32) + opacity * heat
         panels.append(Image.fromarray(blend.round().astype(np.uint8)))
-    top = _hstack(panels)
-    font = ImageFont.load_default()
-    strip = _token_strip(tokens or [], top.width, font)
-    out = Image.new("RGB", (top.width, top.height + strip.height), "white")
-    out.paste(top, (0, 0))
-    out.paste(strip, (0, top.height))
+    top = _hstack(panels, gap=GAP)
+    font = _font()
+    return _vstack([top, _token_strip(tokens or [], top.width, font), _text_block(caption, top.width, font)])
+
+
+def compare_strip(images: list[Image.Image], labels: list[str], caption: str = "") -> Image.Image:
+    """Images side by side with a label above each and `caption` (the prompt, seed and strength)
+    below; small images are enlarged (nearest) to at least MIN_PANEL px wide."""
+    font = _font()
+    panels = [_enlarged(im.convert("RGB"), MIN_PANEL) for im in images]
+    heads = [_text_block(label, p.width, font) for label, p in zip(labels, panels)]
+    band = max(h.height for h in heads)
+    columns = []
+    for head, panel in zip(heads, panels):
+        column = Image.new("RGB", (panel.width, band + panel.height), "white")
+        column.paste(head, (0, 0))
+        column.paste(panel, (0, band))
+        columns.append(column)
+    top = _hstack(columns, gap=GAP)
+    return _vstack([top, _text_block(caption, top.width, font)])
+
+
+def _font(size: int = FONT_SIZE):
+    return ImageFont.load_default(size=size)
+
+
+def _enlarged(image: Image.Image, width: int) -> Image.Image:
+    factor = max(1, math.ceil(width / image.width))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def _text_block(text: str, width: int, font, pad: int = 4) -> Image.Image:
+    """`text` in black on white, wrapped at spaces to `width`; a 0-px-high block for no text."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = []
+    for paragraph in text.splitlines() if text else []:
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and measure.textlength(trial, font=font) > width - 2 * pad:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    step = font.size + 3 if hasattr(font, "size") else 14
+    block = Image.new("RGB", (width, (len(lines) * step + 2 * pad) if lines else 0), "white")
+    draw = ImageDraw.Draw(block)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * step), line, fill="black", font=font)
+    return block
+
+
+def _vstack(panels: list[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        out.paste(p, (0, y))
+        y += p.height
     return out
 
 
-def compare_strip(images: list[Image.Image], labels: list[str]) -> Image.Image:
-    """Images side by side with a label above each (small images enlarged to at least 128 px)."""
-    font = ImageFont.load_default()
-    factor = max(1, math.ceil(128 / images[0].width))
-    panels = [im.convert("RGB").resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
-              for im in images]
-    band = 18
-    out = Image.new("RGB", (sum(p.width for p in panels), band + max(p.height for p in panels)), "white")
-    draw = ImageDraw.Draw(out)
-    x = 0
-    for panel, label in zip(panels, labels):
-        out.paste(panel, (x, band))
-        draw.text((x + 4, 3), label, fill="black", font=font)
-        x += panel.width
-    return out
-
-
-def _hstack(panels: list[Image.Image]) -> Image.Image:
-    out = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+def _hstack(panels: list[Image.Image], gap: int = 0) -> Image.Image:
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
+                    "white")
     x = 0
     for p in panels:
         out.paste(p, (x, 0))
-        x += p.width
+        x += p.width + gap
     return out
 
 

@@ -152,7 +152,7 @@ def test_damaged_journal_line_is_reported(tmp_path, stage):
 
 
 def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path, capsys):
-    from dsas_diffusion.cli.generation import Variant
+    from dsas_diffusion.cli.generation import Variant, comparison_caption
     from dsas_diffusion.eval import compare_strip
 
     out = tmp_path / "run"
@@ -165,7 +165,8 @@ def test_compare_strips_are_drawn_again_with_their_images(steering_dir, tmp_path
     def strip_of(alpha):
         variants = [Variant("unsteered"), Variant("plain", alpha), Variant("dsas", alpha)]
         images = [Image.open(out / "images" / v.name / "concept-00000-s0.png").convert("RGB") for v in variants]
-        return np.asarray(compare_strip(images, [v.label for v in variants]))
+        return np.asarray(compare_strip(images, [v.label for v in variants],
+                                        caption=comparison_caption("a banana on the road", 0, alpha)))
 
     assert run_cli(*command) == 0
     assert np.array_equal(np.asarray(Image.open(strip(1))), strip_of(1))
