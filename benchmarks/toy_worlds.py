@@ -4,11 +4,22 @@
     python -m benchmarks.toy_worlds            # every map family x steering place x alpha
     python -m benchmarks.toy_worlds --learned  # the toy LM only: steering learned through the model
     python -m benchmarks.toy_worlds --conditional  # the toy images only: one concept's map, another's gate
+    python -m benchmarks.toy_worlds --world dit    # the DiT (PixArt-Σ) world only, held-out phrasings apart
+    python -m benchmarks.toy_worlds --shape-diagnosis [--world dit]  # why "circle" resists removal
 
 For every (world, concept, method, place) and alpha, plain steering (lambda = 1) and DSAS are
 measured on held-out prompts: concept rate on source prompts (lower is better) against damage on
 control prompts (pixel drift from their unsteered twins; share still showing their caption).
 Writes benchmarks/results/toy_pareto.json, toy_pareto.png and toy_pareto.md.
+
+`--world dit` does the same in the DiT world (assets/toy-dit, trained on captions in several
+phrasings): fitted on the fitting phrasings, measured on held-out scenes in the plain phrasing and,
+in rows of their own, in held-out phrasings (synonyms, word order, relative clauses); places are
+the T5 text encoder, the transformer's cross-attention, or both; writes toy_dit_pareto.*.
+
+`--shape-diagnosis` separates the causes for a shape concept ("circle" -> "square"): plain steering
+at every layer of each place (the map's reach, gates aside), and the gates' held-out accuracy per
+layer at PCA rank 5, 10 and 20 (separability and rank); writes toy_shape_diagnosis_<world>.json / .md.
 
 `--learned` compares, on the toy LM at its default layers with causal gating, two-stage DSAS
 (Linear-AcT and mean shift, closed form) with what is learned through the model: LinEAS (plain,
@@ -36,46 +47,162 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DRIFT_LABELS = {"t2i": "control drift (mean |pixel change| vs unsteered)",
+                "dit": "control drift (mean |pixel change| vs unsteered)",
                 "lm": "control drift (share of continuation tokens changed)"}
 
 
-def t2i_sweep(args) -> list[dict]:
-    from dsas_diffusion import DSASStableDiffusionPipeline, Steering
-    from dsas_diffusion.toy.t2i_eval import concept_split, measure
+def _world(row: dict) -> str:
+    """A row's world, with the prompts it was measured on where a world has several sets (DiT)."""
+    return row["world"] + (f" ({row['prompts']})" if "prompts" in row else "")
 
-    pipe = DSASStableDiffusionPipeline.from_pretrained(ASSETS / "toy-t2i")
-    pipe.set_progress_bar_config(disable=True)
+
+def t2i_sweep(args) -> list[dict]:
+    pipe, split_of, call, _, guidance = _image_world("t2i")
+    return image_sweep(pipe, "t2i", split_of, args, call=call, guidance=guidance)
+
+
+def dit_sweep(args) -> list[dict]:
+    """The DiT world: fitted on the fitting phrasings; measured on held-out scenes in the plain phrasing
+    and, separately, in held-out phrasings (rows' "prompts"). No lambda-floor mode (CPU time)."""
+    pipe, split_of, call, denoiser, guidance = _image_world("dit")
+    return image_sweep(pipe, "dit", split_of, args, call=call, guidance=guidance,
+                       places=[denoiser if p == "unet" else p for p in args.places], floor=False)
+
+
+def image_sweep(pipe, world: str, split_of, args, *, call: dict | None = None, guidance: float | None = None,
+                places: list[str] | None = None, floor: bool = True) -> list[dict]:
+    """Rows of plain steering and DSAS (and DSAS with a lambda floor) for every concept x method x place x
+    alpha of `args`; `call`: arguments every pipeline call takes (fitting: as pipeline_kwargs); `guidance`:
+    the world's guidance scale (None: measured at 4, fitted at the pipeline's default). Where a
+    split has paraphrased prompts they are measured too, in rows whose "prompts" says so."""
+    from dsas_diffusion import Steering
+    from dsas_diffusion.toy.t2i_eval import measure
+
+    call = dict(call or {})
     seeds = list(range(args.seeds))
+    at = dict(steps=args.steps, **({"guidance": guidance} if guidance else {}), **call)
     rows = []
     for concept, replacement in args.concepts:
-        split = concept_split(concept, replacement)
-        base = measure(pipe, split, seeds, steps=args.steps)
-        print(f"[t2i {concept}] unsteered: concept rate {base['concept_rate']:.2f}, "
-              f"control faithful {base['control_faithful']:.2f}", flush=True)
+        split = split_of(concept, replacement)
+        prompt_sets = {"held-out scenes": split}
+        if split.paraphrased_source:
+            prompt_sets["held-out phrasings"] = split.paraphrased()
+        bases = {name: measure(pipe, s, seeds, **at) for name, s in prompt_sets.items()}
+        for name, base in bases.items():
+            print(f"[{world} {concept}] unsteered, {name}: concept rate {base['concept_rate']:.2f}, "
+                  f"control faithful {base['control_faithful']:.2f}", flush=True)
         for method in args.methods:
-            for place in args.places:
+            for place in places or args.places:
                 start = time.time()
                 try:
                     steering = pipe.fit_steering(split.source, split.target, split.control, method=method,
-                                                 steer=place, num_inference_steps=args.steps, progress=False)
+                                                 steer=place, num_inference_steps=args.steps, progress=False,
+                                                 guidance_scale=guidance, **({"pipeline_kwargs": call} if call else {}))
                 except ValueError as e:  # no gate passes the threshold: a result, not a crash
-                    print(f"[t2i {concept}] {method:<10} {place:<12} not steerable: {str(e).splitlines()[0]}")
-                    rows.append({"world": "t2i", "concept": concept, "method": method, "place": place,
+                    print(f"[{world} {concept}] {method:<10} {place:<12} not steerable: {str(e).splitlines()[0]}")
+                    rows.append({"world": world, "concept": concept, "method": method, "place": place,
                                  "mode": "not steerable", "alpha": None, "gate_report": str(e)})
                     continue
-                floored = Steering(replace(steering.config, lambda_floor=args.floor), steering.maps, steering.gates,
-                                   steering.probes)
-                for mode, used, gated in (("plain", steering, False), ("dsas", steering, True),
-                                          (f"dsas, lambda floor {args.floor:g}", floored, True)):
+                modes = [("plain", steering, False), ("dsas", steering, True)]
+                if floor:
+                    floored = Steering(replace(steering.config, lambda_floor=args.floor), steering.maps,
+                                       steering.gates, steering.probes)
+                    modes.append((f"dsas, lambda floor {args.floor:g}", floored, True))
+                for mode, used, gated in modes:
                     for alpha in args.alphas:
-                        r = measure(pipe, split, seeds, baseline=base, steps=args.steps, steering=used,
-                                    steering_strength=alpha, gated=gated)
-                        rows.append({"world": "t2i", "concept": concept, "method": method, "place": place,
-                                     "mode": mode, "alpha": alpha,
-                                     **{k: v for k, v in r.items() if not k.startswith("_")}})
-                print(f"[t2i {concept}] {method:<10} {place:<12} {len(steering.steered_layers)}/"
+                        for name, s in prompt_sets.items():
+                            r = measure(pipe, s, seeds, baseline=bases[name], steering=used,
+                                        steering_strength=alpha, gated=gated, **at)
+                            rows.append({"world": world, "concept": concept, "method": method, "place": place,
+                                         "mode": mode, "alpha": alpha,
+                                         **({"prompts": name} if len(prompt_sets) > 1 else {}),
+                                         **{k: v for k, v in r.items() if not k.startswith("_")}})
+                print(f"[{world} {concept}] {method:<10} {place:<12} {len(steering.steered_layers)}/"
                       f"{len(steering.layers)} layers gated in, {time.time() - start:.0f} s", flush=True)
     return rows
+
+
+def shape_diagnosis(args) -> list[dict]:
+    """Why "circle" is hard to remove (circle -> square), one cause at a time:
+    - the map and the steered place, gates aside: plain steering (lambda = 1) at every layer of the text
+      encoder, the denoiser or both (accuracy_threshold 0, so no layer is left out), mean shift, and
+      Linear-AcT in the text encoder;
+    - the text encoder's separability and the gate's rank: each layer's held-out gate accuracy at PCA
+      rank 5 (the default), 10 and 20, and DSAS with those gates (default threshold) where a layer passes."""
+    from dsas_diffusion.toy.t2i_eval import measure
+
+    pipe, split_of, call, denoiser, guidance = _image_world(args.world)
+    guidance = guidance or 4.0  # fitted and measured at one guidance scale
+    split = split_of("circle", "square")
+    seeds = list(range(args.seeds))
+    at = dict(steps=args.steps, guidance=guidance, **call)
+    base = measure(pipe, split, seeds, **at)
+    rows = [{"setting": "unsteered", "alpha": 0.0, **{k: v for k, v in base.items() if not k.startswith("_")}}]
+
+    def fit(method: str, place: str, **options):
+        return pipe.fit_steering(split.source, split.target, split.control, method=method, steer=place,
+                                 num_inference_steps=args.steps, guidance_scale=guidance, progress=False,
+                                 **({"pipeline_kwargs": call} if call else {}), **options)
+
+    def accuracies(steering, setting: str) -> None:
+        accuracy = {n: round(info.gate_accuracy, 3) for n, info in steering.config.layers.items()}
+        print(f"[shape {args.world}] {setting}: held-out gate accuracy {accuracy}", flush=True)
+        rows.append({"setting": setting, "alpha": None, "gate_accuracy": accuracy})
+
+    def run(setting: str, steering, gated: bool) -> None:
+        for alpha in args.alphas:
+            r = measure(pipe, split, seeds, baseline=base, steering=steering, steering_strength=alpha, gated=gated,
+                        **at)
+            rows.append({"setting": setting, "alpha": alpha, "steered": len(steering.steered_layers),
+                         **{k: v for k, v in r.items() if not k.startswith("_")}})
+            print(f"[shape {args.world}] {setting:<48} alpha {alpha:g}: circle rate {r['concept_rate']:.2f}, "
+                  f"control faithful {r['control_faithful']:.2f}", flush=True)
+
+    for method, places in (("mean_shift", ("text_encoder", denoiser, "both")), ("linear_act", ("text_encoder",))):
+        for place in places:
+            every = fit(method, place, accuracy_threshold=0.0)
+            if method == "mean_shift" and place != "both":
+                accuracies(every, f"gate rank 5, {place}")
+            run(f"plain, {method}, every {place} layer", every, False)
+    for rank, places in ((10, ("text_encoder", denoiser)), (20, ("text_encoder",))):
+        for place in places:
+            every = fit("mean_shift", place, accuracy_threshold=0.0, pca_rank=rank)
+            accuracies(every, f"gate rank {rank}, {place}")
+            if max(i.gate_accuracy for i in every.config.layers.values()) >= every.config.accuracy_threshold:
+                run(f"DSAS, mean_shift, {place}, gate rank {rank}", fit("mean_shift", place, pca_rank=rank), True)
+    return rows
+
+
+def _image_world(world: str):
+    """(pipeline, split function, call arguments, denoiser place, guidance scale) of an image world."""
+    from dsas_diffusion.toy.t2i_eval import concept_split, phrased_concept_split
+
+    if world == "dit":
+        from dsas_diffusion import DSASPixArtSigmaPipeline
+        from dsas_diffusion.toy.train_dit import CALL_KWARGS, GUIDANCE
+
+        pipe = DSASPixArtSigmaPipeline.from_pretrained(ASSETS / "toy-dit")
+        split_of, call, denoiser, guidance = phrased_concept_split, CALL_KWARGS, "transformer", GUIDANCE
+    else:
+        from dsas_diffusion import DSASStableDiffusionPipeline
+
+        pipe = DSASStableDiffusionPipeline.from_pretrained(ASSETS / "toy-t2i")
+        split_of, call, denoiser, guidance = concept_split, {}, "unet", None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, split_of, call, denoiser, guidance
+
+
+def shape_table(rows: list[dict]) -> str:
+    lines = ["| setting | alpha | circle rate (held-out) | controls faithful | control drift |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r["alpha"] is None:
+            lines.append(f"| {r['setting']}: held-out gate accuracy per layer "
+                         f"{', '.join(f'{v:.2f}' for v in r['gate_accuracy'].values())} | - | - | - | - |")
+        else:
+            lines.append(f"| {r['setting']} | {r['alpha']:g} | {r['concept_rate']:.2f} | {r['control_faithful']:.2f} "
+                         f"| {r.get('control_drift', 0.0):.4f} |")
+    return "\n".join(lines)
 
 
 LEARNED = {  # setting -> fit_steering arguments
@@ -202,9 +329,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     skipped = [r for r in rows if r["alpha"] is None]
     rows = [r for r in rows if r["alpha"] is not None]
-    keys = sorted({(r["world"], r["concept"], r["method"], r["place"], r["mode"]) for r in rows})
+    keys = sorted({(_world(r), r["concept"], r["method"], r["place"], r["mode"]) for r in rows})
     for key in keys:
-        pts = [r for r in rows if (r["world"], r["concept"], r["method"], r["place"], r["mode"]) == key]
+        pts = [r for r in rows if (_world(r), r["concept"], r["method"], r["place"], r["mode"]) == key]
         top = max(pts, key=lambda r: r["alpha"])
         ok = [r for r in pts if r["concept_rate"] <= 0.1]
         best = min(ok, key=lambda r: r["control_drift"]) if ok else None
@@ -227,15 +354,15 @@ def plot(rows: list[dict], path: Path) -> None:
     from dsas_diffusion.core.io import atomic_path
 
     rows = [r for r in rows if r["alpha"] is not None]
-    settings = sorted({(r["world"], r["concept"], r["method"], r["place"]) for r in rows})
+    settings = sorted({(_world(r), r["concept"], r["method"], r["place"]) for r in rows})
     cols = min(3, len(settings))
     nrows = (len(settings) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, setting in zip(axes, settings):
-        modes = sorted({r["mode"] for r in rows if (r["world"], r["concept"], r["method"], r["place"]) == setting})
+        modes = sorted({r["mode"] for r in rows if (_world(r), r["concept"], r["method"], r["place"]) == setting})
         for mode, colour in zip(sorted(modes, key=lambda m: (m != "plain", m)), ("tab:red", "tab:blue", "tab:green")):
-            pts = sorted((r for r in rows if (r["world"], r["concept"], r["method"], r["place"]) == setting
+            pts = sorted((r for r in rows if (_world(r), r["concept"], r["method"], r["place"]) == setting
                           and r["mode"] == mode), key=lambda r: r["alpha"])
             x = [r["control_drift"] for r in pts]
             y = [r["concept_rate"] for r in pts]
@@ -244,7 +371,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.annotate(f"{r['alpha']:g}", (r["control_drift"], r["concept_rate"]), fontsize=6,
                             xytext=(2, 2), textcoords="offset points")
         ax.set_title(" / ".join(setting), fontsize=8)
-        ax.set_xlabel(DRIFT_LABELS[setting[0]], fontsize=7)
+        ax.set_xlabel(DRIFT_LABELS[setting[0].split(" (")[0]], fontsize=7)
         ax.set_ylabel("concept rate on held-out source prompts", fontsize=7)
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=6)
@@ -252,6 +379,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axis("off")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
+
+
+def _concepts(text: str) -> list[tuple[str, str]]:
+    pairs = [tuple(p.split(":")) for p in text.split(",")]
+    if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r} is not concept:replacement[,...], e.g. red:green,circle:square")
+    return pairs
 
 
 def main(argv=None):
@@ -266,18 +400,28 @@ def main(argv=None):
                         help="with --learned: training steps (default 1000, the authors')")
     parser.add_argument("--lr", type=types.learning_rate, default=1e-3,
                         help="with --learned: learning rate (default 1e-3, the authors')")
+    parser.add_argument("--world", choices=("t2i", "dit"), default=None,
+                        help="one image world only: t2i (the UNet) or dit (the PixArt-Σ world; writes toy_dit_pareto)")
+    parser.add_argument("--shape-diagnosis", action="store_true",
+                        help="why 'circle' resists removal, in --world (default t2i); writes toy_shape_diagnosis_*")
+    parser.add_argument("--seeds", type=types.positive_int, default=None, help="seeds per prompt (default 3; quick 2)")
+    parser.add_argument("--steps", type=types.positive_int, default=None,
+                        help="denoising steps (default 20; quick 10)")
+    parser.add_argument("--concepts", type=_concepts, default=None,
+                        help="image concepts as concept:replacement,... (default red:green,circle:square; "
+                        "quick red:green)")
     parser.add_argument("--threads", type=types.threads, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     args.floor = 0.05
-    args.seeds = 2 if args.quick else 3
-    args.steps = 10 if args.quick else 20
+    args.seeds = args.seeds or (2 if args.quick else 3)
+    args.steps = args.steps or (10 if args.quick else 20)
     args.alphas = [0.5, 1.0, 2.0] if args.quick else [0.5, 1.0, 2.0, 3.0]
     args.methods = ["mean_shift", "linear_act"] if args.quick else ["mean_shift", "linear_act", "iti"]
     args.places = ["text_encoder"] if args.quick else ["text_encoder", "unet", "both"]
-    args.concepts = [("red", "green")] if args.quick else [("red", "green"), ("circle", "square")]
+    args.concepts = args.concepts or ([("red", "green")] if args.quick else [("red", "green"), ("circle", "square")])
     # learned maps match the target at every layer jointly, where closed-form maps fitted on unsteered
     # activations overshoot downstream (measured: 30x the unsteered Wasserstein loss at the toy LM's
     # last layer for a mean shift at alpha 1, 0.1x for LinEAS), so their useful strengths are larger
@@ -294,12 +438,28 @@ def main(argv=None):
         write_text_atomic(RESULTS / f"{name}.json", json.dumps(keep, indent=2) + "\n")
         print(f"wrote {RESULTS / name}.json / .png")
         return
+    if args.shape_diagnosis:
+        args.world, args.alphas = args.world or "t2i", [1.0, 2.0, 4.0]
+        rows = shape_diagnosis(args)
+        RESULTS.mkdir(exist_ok=True)
+        name = f"toy_shape_diagnosis_{args.world}" + ("_quick" if args.quick else "")
+        write_text_atomic(RESULTS / f"{name}.json", json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+        write_text_atomic(RESULTS / f"{name}.md", shape_table(rows) + "\n")
+        print(shape_table(rows))
+        print(f"wrote {RESULTS / name}.json / .md")
+        return
     from dsas_diffusion.toy.lm_eval import sweep as lm_sweep
 
-    rows = learned_sweep(args) if args.learned else t2i_sweep(args) + lm_sweep(args)
-
+    if args.learned:
+        rows, name = learned_sweep(args), "toy_learned"
+    elif args.world == "dit":
+        rows, name = dit_sweep(args), "toy_dit_pareto"
+    elif args.world == "t2i":
+        rows, name = t2i_sweep(args), "toy_t2i_pareto"
+    else:
+        rows, name = t2i_sweep(args) + lm_sweep(args), "toy_pareto"
     RESULTS.mkdir(exist_ok=True)
-    name = ("toy_learned" if args.learned else "toy_pareto") + ("_quick" if args.quick else "")
+    name += "_quick" if args.quick else ""
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
     write_text_atomic(RESULTS / f"{name}.json", json.dumps({"settings": vars(args), "rows": clean}, indent=2,
                                                           allow_nan=False) + "\n")

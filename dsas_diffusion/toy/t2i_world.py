@@ -120,3 +120,57 @@ def faithful(image: np.ndarray, scene: Scene) -> bool:
 def parse(caption: str) -> Scene:
     words = caption.split()
     return Scene(colour=words[2], shape=words[3], size=words[1], background=words[6])
+
+
+# ---- the DiT world's captions: a concept asked for in several ways ------------------------------
+# The UNet world's captions above are one template; the DiT world (dsas_diffusion.toy.train_dit)
+# is trained on every phrasing below. Fitting uses FIT_TEMPLATES with the plain words only; the
+# other templates and the synonyms are held out, to measure whether a gate fitted on one way of
+# asking still fires on the others.
+
+SYNONYMS = {"red": ("red", "crimson", "scarlet"), "circle": ("circle", "disc", "round shape")}
+TEMPLATES = (
+    "a {size} {colour} {shape} on a {background} background",
+    "a {size} {shape} in {colour} on a {background} background",
+    "a {background} background with a {size} {colour} {shape}",
+    "on a {background} background a {size} {colour} {shape}",  # held out: word order
+    "a {size} {shape} that is {colour} on a {background} background",  # held out: relative clause
+)
+FIT_TEMPLATES = (0, 1, 2)
+HELD_OUT_TEMPLATES = (3, 4)
+BACKGROUND_WORD = "background"
+
+
+def words_for(name: str) -> tuple[str, ...]:
+    """Every word the DiT world's captions use for a colour or shape (the name itself first)."""
+    return SYNONYMS.get(name, (name,))
+
+
+def phrase(scene: Scene, template: int = 0, colour: str | None = None, shape: str | None = None) -> str:
+    """`scene` in TEMPLATES[template], with the given words for its colour and shape (default: their names)."""
+    return TEMPLATES[template].format(size=scene.size, background=scene.background,
+                                      colour=colour or scene.colour, shape=shape or scene.shape)
+
+
+def phrasings(scene: Scene) -> list[str]:
+    """Every caption of `scene` in the DiT world: each template with each word for its colour and shape."""
+    return [phrase(scene, t, c, s) for t in range(len(TEMPLATES)) for c in words_for(scene.colour)
+            for s in words_for(scene.shape)]
+
+
+def dit_vocabulary() -> list[str]:
+    """Every word of the DiT world's captions, in a fixed order (its tokenizer's vocabulary)."""
+    words = [w for t in TEMPLATES for w in t.replace("{", " {").split() if not w.startswith("{")]
+    words += [w for name in (*COLOURS, *SHAPES) for syn in words_for(name) for w in syn.split()]
+    return list(dict.fromkeys(words + list(SIZES) + list(BACKGROUNDS)))
+
+
+def read_caption(caption: str) -> Scene:
+    """The scene a caption of either world asks for, by its words (any template, any synonym)."""
+    words = caption.split()
+    spelled = {w: name for name in (*COLOURS, *SHAPES) for syn in words_for(name) for w in syn.split()[:1]}
+    colour = next(spelled[w] for w in words if spelled.get(w) in COLOURS)
+    shape = next(spelled[w] for w in words if spelled.get(w) in SHAPES)
+    size = next(w for w in words if w in SIZES)
+    background = words[words.index(BACKGROUND_WORD) - 1]
+    return Scene(colour=colour, shape=shape, size=size, background=background)
