@@ -65,13 +65,12 @@ class ToyScorer(Scorer):
 
     @staticmethod
     def _scene(prompt: str):
-        try:
-            scene = world.parse(prompt)
-        except IndexError:
+        try:  # either world's captions: the UNet world's one template, or any DiT-world phrasing
+            scene = world.read_caption(prompt)
+        except (StopIteration, ValueError, IndexError):
             scene = None
-        known = scene is not None and scene.colour in world.COLOURS and scene.shape in world.SHAPES \
-            and scene.size in world.SIZES and scene.background in world.BACKGROUNDS
-        if not known or scene.caption != prompt:
+        known = scene is not None and scene.background in world.BACKGROUNDS
+        if not known or prompt not in (scene.caption, *world.phrasings(scene)):
             example = world.all_scenes()[0].caption
             raise ValueError(f"the toy scorer reads only captions of the toy world, like {example!r}; the prompt "
                              f"{prompt!r} is not one: use the toy world's captions, or other scorers")
