@@ -28,16 +28,20 @@ from dsas_diffusion.core.runtime import positions
 
 # rounding of the logits and of the map to the dtype allows a few units in the last place; float32 agrees to 1e-6
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-MAPS = ("shift", "affine clamped", "affine to infinity", "affine unclamped")
+MAPS = ("shift", "affine clamped", "affine inside", "affine to infinity", "affine unclamped", "shift per row")
 
 
-def terms(name: str, d: int, g: torch.Generator) -> MapTerms:
+def terms(name: str, b: int, d: int, g: torch.Generator) -> MapTerms:
     shift, slope = torch.randn(d, generator=g), 0.5 * torch.randn(d, generator=g)
     lo = -0.5 - torch.rand(d, generator=g)
     if name == "shift":
         return MapTerms(shift)
+    if name == "shift per row":  # a spatial mean transported (spatial_map="spatial_mean"): one shift per row
+        return MapTerms(torch.randn(b, 1, d, generator=g))
     if name == "affine clamped":
         return MapTerms(shift, slope, lo, lo + 1.5)
+    if name == "affine inside":  # Linear-AcT with outside_source_range="identity"
+        return MapTerms(shift, slope, lo, lo + 1.5, True)
     if name == "affine to infinity":  # Linear-AcT fitted with clamp_to_source_range=False
         return MapTerms(shift, slope, torch.full((d,), -torch.inf), torch.full((d,), torch.inf))
     return MapTerms(shift, slope)  # LinEAS's form: no range
@@ -117,8 +121,8 @@ def main(argv=None) -> int:
                 for activation in ("sigmoid", "relu"):
                     for name, x, kind, kw, prior_mean in situations(args.interpret, device.startswith("cuda"), g):
                         b, k, d = x.shape
-                        t = terms(map_name, d, g)
-                        cast = [None if v is None else v.to(device, dtype) for v in t]
+                        t = terms(map_name, b, d, g)
+                        cast = [v.to(device, dtype) if isinstance(v, torch.Tensor) else v for v in t]
                         w = (torch.randn(1, d, generator=g) / d ** 0.5).to(device)  # the gate is float32
                         bias = torch.randn(1, generator=g).to(device)
                         kw = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}

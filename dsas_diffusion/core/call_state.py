@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .hooks import CallState
+from .hooks import CallState, steered_positions
 
 State = tuple[torch.Tensor, torch.Tensor]  # running (mean of logits, count of real tokens), each (B, 1, 1)
 RowMap = Callable[[torch.Tensor], torch.Tensor]  # the same move of the batch rows (dim 0), for any tensor
@@ -65,8 +65,8 @@ class Sequence:
     starts another one, and the old cache, if someone still reorders it, moves nothing.
     """
 
-    def __init__(self, call: SteeringCall, gating: str, cache):
-        self.call, self.gating = call, gating
+    def __init__(self, call: SteeringCall, gating: str, cache, skip_first: bool = False):
+        self.call, self.gating, self.skip_first = call, gating, skip_first
         self.cache = weakref.ref(cache)  # which cache it follows, without keeping that cache alive
         self.refused: str | None = None  # why the state could not follow the cache; later calls of it fail too
 
@@ -118,7 +118,10 @@ class Sequence:
         call = self.call
         valid = call.valid
         for name, (prior, proj) in list(call.undo.items()):
-            v = None if valid is None else valid[:, :kept].to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
+            # the positions the call counted: its first token is not, when the call started the sequence
+            counted = steered_positions(None if valid is None else valid[:, :kept], proj.shape[0], kept,
+                                        proj.device, self.skip_first and prior is None)
+            v = None if counted is None else counted.to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
             if kept == 0:
                 if prior is None:
                     call.running.pop(name, None)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .gate import GATE_KINDS
-from .maps import MAPS
+from .maps import MAPS, OUTSIDE_SOURCE_RANGE
 
 # 1: the first format. 2: the config names the sha256 of the weights file it was saved with
 # (`weights_sha256`), so a config never loads with weights it does not belong to. Format 1
@@ -19,12 +19,16 @@ DIGEST_KEY = "weights_sha256"
 Gating = Literal["token", "causal", "sequence"]
 LayerKind = Literal["tokens", "spatial"]
 GateActivation = Literal["sigmoid", "relu"]
+OutsideSourceRange = Literal["clamp", "identity"]
+SpatialMap = Literal["per_position", "spatial_mean"]
+SPATIAL_MAPS = ("per_position", "spatial_mean")
 GATINGS = ("token", "causal", "sequence")
 GATE_ACTIVATIONS = ("sigmoid", "relu")
 # Fields added after format 2 was fixed: a file written before them omits them and loads with
 # these values, which are what every such file meant.
 _ADDED_FIELDS = {"gate_activation": "sigmoid", "gates": "two_stage", "training": {}, "incremental": False,
-                 "cv_folds": 0, "accuracy_scaling": False}
+                 "cv_folds": 0, "accuracy_scaling": False, "outside_source_range": "clamp",
+                 "spatial_map": "per_position"}
 _ADDED_LAYER_FIELDS = {"element": 0, "gate_accuracy_std": None}
 
 
@@ -70,7 +74,22 @@ class SteeringConfig:
       `sequence` (one decision per sequence / image).
     - skip_first_token: never steer the first real token (BOS), which looks the same in every prompt.
     - lambda_floor: lambdas below it snap to exactly 0, so clearly-absent inputs are bit-identical.
-    - clamp_to_source_range: Linear-AcT evaluates the map on inputs clamped to the source range.
+    - clamp_to_source_range: Linear-AcT keeps the source range [lo, hi] it was fitted on (False:
+      the map is affine everywhere, and `outside_source_range` has nothing to act on).
+    - outside_source_range: what Linear-AcT does to a value outside that range: `identity` leaves
+      it untouched, as AcT does, or `clamp` shifts it as if it were at the nearest end of the range
+      (files written before this field: clamp).
+    - spatial_map: how closed-form maps act on spatial (image) layers, whose maps are fitted on
+      per-image spatial means: `spatial_mean` transports each row's (image's) per-channel mean
+      over its positions and adds that one shift to every position, as AcT does; `per_position`
+      applies the map at each position (an affine map with slope != 1 then changes the contrast
+      inside the image; files written before this field). Maps learned through the model are
+      applied per position, as they were trained; shift maps are the same either way.
+      [choice, measured: benchmarks/act_options.py] the default `clamp` / `spatial_mean`: in the
+      toy LM `identity` removed almost no insult up to alpha 6 (about 80 % of the token values lie
+      outside the range of the per-text means the maps are fitted on), while in the toy images it
+      moved the fronts to less drift; `spatial_mean` tied with `per_position` under `clamp`, did
+      better under `identity`, and keeps the contrast inside the image.
     - incremental: each layer's map was fitted on source activations already steered (plainly) by
       the maps of the layers before it, as AcT does; otherwise every map sees unsteered ones.
     - training: for maps or gates learned through the model, the options of that learning and
@@ -91,6 +110,8 @@ class SteeringConfig:
     skip_first_token: bool = True
     lambda_floor: float = 0.0
     clamp_to_source_range: bool = True
+    outside_source_range: OutsideSourceRange = "clamp"
+    spatial_map: SpatialMap = "spatial_mean"
     incremental: bool = False
     gate_activation: GateActivation = "sigmoid"
     seed: int = 0
@@ -120,6 +141,11 @@ class SteeringConfig:
             raise ValueError(f"gating={self.gating!r} is unknown; choose one of {list(GATINGS)}")
         if not 0.0 <= self.lambda_floor < 1.0:
             raise ValueError(f"lambda_floor must lie in [0, 1), got {self.lambda_floor!r}")
+        if self.outside_source_range not in OUTSIDE_SOURCE_RANGE:
+            raise ValueError(f"outside_source_range={self.outside_source_range!r} is unknown; choose one of "
+                             f"{list(OUTSIDE_SOURCE_RANGE)}")
+        if self.spatial_map not in SPATIAL_MAPS:
+            raise ValueError(f"spatial_map={self.spatial_map!r} is unknown; choose one of {list(SPATIAL_MAPS)}")
         if self.gate_activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate_activation={self.gate_activation!r} is unknown; choose one of "
                              f"{list(GATE_ACTIVATIONS)}")
@@ -219,6 +245,10 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
         "skip_first_token": _boolean(d["skip_first_token"], "'skip_first_token'"),
         "lambda_floor": _real(d["lambda_floor"], "'lambda_floor'", 0.0, 1.0, high_open=True),
         "clamp_to_source_range": _boolean(d["clamp_to_source_range"], "'clamp_to_source_range'"),
+        "outside_source_range": _choice(d.get("outside_source_range", _ADDED_FIELDS["outside_source_range"]),
+                                        "'outside_source_range'", list(OUTSIDE_SOURCE_RANGE)),
+        "spatial_map": _choice(d.get("spatial_map", _ADDED_FIELDS["spatial_map"]), "'spatial_map'",
+                               list(SPATIAL_MAPS)),
         "incremental": _boolean(d.get("incremental", _ADDED_FIELDS["incremental"]), "'incremental'"),
         "gate_activation": _choice(d.get("gate_activation", _ADDED_FIELDS["gate_activation"]), "'gate_activation'",
                                    list(GATE_ACTIVATIONS)),

@@ -14,15 +14,16 @@ from collections.abc import Set as AbstractSet
 from dataclasses import MISSING, fields
 from numbers import Integral, Real
 
-from .config import GATE_ACTIVATIONS, GATINGS, SteeringConfig
-from .maps import MAPS
+from .config import GATE_ACTIVATIONS, GATINGS, SPATIAL_MAPS, SteeringConfig
+from .maps import MAPS, OUTSIDE_SOURCE_RANGE
 from .options import _describe, check_bool
 
 LABELS = ("source", "target", "control")
 # The SteeringConfig fields a user may pass to a fit; the others (method, base_model, fingerprint,
 # layers, ...) the fit fills in itself, and a field added to the config later is not an option by accident.
 FIT_OPTIONS = ("pca_rank", "logistic_l2", "accuracy_threshold", "accuracy_scaling", "held_out_fraction", "cv_folds",
-               "gating", "skip_first_token", "lambda_floor", "clamp_to_source_range", "gate_activation", "seed")
+               "gating", "skip_first_token", "lambda_floor", "clamp_to_source_range", "gate_activation", "seed",
+               "outside_source_range", "spatial_map")
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; a fit adds the prompt index to the seed
 
 
@@ -139,6 +140,10 @@ def check_fit_options(options: Mapping, caller: str, arguments: Sequence[str] = 
             checked[option] = choice(option, value, GATINGS)
         elif option == "gate_activation":
             checked[option] = choice(option, value, GATE_ACTIVATIONS)
+        elif option == "outside_source_range":
+            checked[option] = choice(option, value, OUTSIDE_SOURCE_RANGE)
+        elif option == "spatial_map":
+            checked[option] = choice(option, value, SPATIAL_MAPS)
         elif option in ("skip_first_token", "clamp_to_source_range", "accuracy_scaling"):
             checked[option] = flag(option, value)
         elif option == "seed":

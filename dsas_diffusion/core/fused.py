@@ -37,12 +37,15 @@ if TYPE_CHECKING:
 
 class MapTerms(NamedTuple):
     """A map as the op reads it: delta(x) = shift, or shift + slope * clamp(x, lo, hi) when `slope` is
-    given (no clamp when lo and hi are None). Tensors of shape (D,) in the activations' dtype."""
+    given (no clamp when lo and hi are None), or with `inside` shift + slope * x where lo <= x <= hi
+    and 0 elsewhere (the identity outside the range). Tensors of shape (D,) in the activations' dtype;
+    a shift alone may be (B, 1, D), one per row (a spatial mean transported, see core/runtime.py)."""
 
     shift: torch.Tensor
     slope: torch.Tensor | None = None
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    inside: bool = False
 
 
 def map_terms(map_: SteeringMap) -> MapTerms | None:
@@ -55,7 +58,7 @@ def map_terms(map_: SteeringMap) -> MapTerms | None:
         return None
     if form[0] == "shift":
         return MapTerms(form[1])
-    return MapTerms(*form[1:])
+    return MapTerms(*form[1:], inside=form[0] == "affine_inside")
 
 
 class Steered(NamedTuple):
@@ -169,8 +172,15 @@ def _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior
     proj = F.linear(x if x.dtype is weight.dtype else x.to(weight.dtype), weight, bias)
     lam, mean = lambdas(proj, pos, gating=gating, kind=kind, floor=floor, prior_mean=prior_mean,
                         activation=activation)
-    shift, slope, lo, hi = terms
-    delta = shift if slope is None else torch.addcmul(shift, slope, x if lo is None else torch.clamp(x, lo, hi))
+    shift, slope, lo, hi, inside = terms
+    if slope is None:
+        delta = shift
+    elif lo is None:
+        delta = torch.addcmul(shift, slope, x)
+    elif inside:  # the ops of maps.LinearAcT.delta
+        delta = torch.where((x >= lo) & (x <= hi), torch.addcmul(shift, slope, x), 0.0)
+    else:
+        delta = torch.addcmul(shift, slope, torch.clamp(x, lo, hi))
     kw = {} if out is None else {"out": out}
     if isinstance(strength, torch.Tensor):
         if strength.device.type != "cpu" or torch.compiler.is_compiling():  # read on the device, no synchronisation
@@ -180,32 +190,33 @@ def _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior
     return Steered(torch.addcmul(x, scale, delta, value=strength, **kw), lam, mean, proj)
 
 
-def composite(x, weight, bias, strength, shift, slope, lo, hi, valid, prior, divisor, step, seen, drop, pad, rows,
-              prior_mean, gating, kind, floor, activation):
+def composite(x, weight, bias, strength, shift, slope, lo, hi, inside, valid, prior, divisor, step, seen, drop, pad,
+              rows, prior_mean, gating, kind, floor, activation):
     """The op in today's PyTorch ops (arguments as the op's): its CPU implementation and the reference.
     A strength tensor read on the device is folded into the scale, which is exact in float32 only."""
     from .runtime import Positions
 
     pos = Positions(valid, prior, None, divisor, step, seen, drop, pad, rows)
-    res = _composite(x, weight, bias, strength, MapTerms(shift, slope, lo, hi), pos, gating, kind, floor, prior_mean,
-                     activation, out=torch.empty_like(x))  # x's strides, as the fake implementation promises
+    terms = MapTerms(shift, slope, lo, hi, inside)
+    res = _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior_mean, activation,
+                     out=torch.empty_like(x))  # x's strides, as the fake implementation promises
     return res.out, res.lam.contiguous(), res.mean.contiguous(), res.proj.contiguous()
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 @torch.library.custom_op("dsas::steer_layer", mutates_args=())
 def _steer_layer_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strength: torch.Tensor,
-    shift: torch.Tensor, slope: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None,
+    shift: torch.Tensor, slope: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None, inside: bool,
     valid: torch.Tensor | None, prior: torch.Tensor | None, divisor: torch.Tensor, step: torch.Tensor | None,
     seen: torch.Tensor | None, drop: torch.Tensor | None, pad: torch.Tensor | None, rows: torch.Tensor | None,
     prior_mean: torch.Tensor | None, gating: str, kind: str, floor: float, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return composite(x, weight, bias, strength, shift, slope, lo, hi, valid, prior, divisor, step, seen, drop, pad,
-                     rows, prior_mean, gating, kind, floor, activation)
+    return composite(x, weight, bias, strength, shift, slope, lo, hi, inside, valid, prior, divisor, step, seen, drop,
+                     pad, rows, prior_mean, gating, kind, floor, activation)
 
 
 @_steer_layer_op.register_fake
@@ -248,6 +259,7 @@ if triton is not None:
         out_ptr, lam_ptr, mean_ptr, proj_ptr,
         K, D, sxb, sxk, sxd, sob, sok, sod, floor,
         ONE_PASS: tl.constexpr, S_ON_DEVICE: tl.constexpr, AFFINE: tl.constexpr, CLAMP: tl.constexpr,
+        INSIDE: tl.constexpr, ROW_SHIFT: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_PRIOR: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
         TOKEN: tl.constexpr, HAS_DROP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
         RELU: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -319,20 +331,28 @@ if triton is not None:
         s = tl.load(s_arg).to(tl.float32) if S_ON_DEVICE else s_arg
         scale = s * lam.to(x_ptr.dtype.element_ty).to(tl.float32)
         orow = out_ptr + row.to(tl.int64) * sob
+        if ROW_SHIFT:  # a (B, 1, D) shift: this row's
+            srow = shift_ptr + row.to(tl.int64) * D
+        else:
+            srow = shift_ptr
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             din = ds < D
             m = kin[:, None] & din[None, :]
             xv = tl.load(xrow + ks[:, None] * sxk + ds[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-            delta = tl.load(shift_ptr + ds, mask=din, other=0.0).to(tl.float32)[None, :]
+            delta = tl.load(srow + ds, mask=din, other=0.0).to(tl.float32)[None, :]
             if AFFINE:
                 xc = xv
                 if CLAMP:
                     lo = tl.load(lo_ptr + ds, mask=din, other=0.0).to(tl.float32)[None, :]
                     hi = tl.load(hi_ptr + ds, mask=din, other=0.0).to(tl.float32)[None, :]
-                    xc = tl.minimum(tl.maximum(xc, lo), hi)
+                    if not INSIDE:
+                        xc = tl.minimum(tl.maximum(xc, lo), hi)
                 slope = tl.load(slope_ptr + ds, mask=din, other=0.0).to(tl.float32)[None, :]
                 delta = (delta + slope * xc).to(x_ptr.dtype.element_ty).to(tl.float32)
+                if CLAMP:
+                    if INSIDE:  # the identity outside [lo, hi]
+                        delta = tl.where((xv >= lo) & (xv <= hi), delta, 0.0)
             out = xv + scale[:, None] * delta
             tl.store(orow + ks[:, None] * sok + ds[None, :] * sod, out.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -344,10 +364,12 @@ if triton is not None:
             t = t.expand(b, n, 1).contiguous()
         return t.view(torch.uint8) if t.dtype == torch.bool else t
 
-    def triton_steer(x, weight, bias, strength, shift, slope, lo, hi, valid, prior, divisor, step, seen, drop, pad,
-                     rows, prior_mean, gating, kind, floor, activation):
+    def triton_steer(x, weight, bias, strength, shift, slope, lo, hi, inside, valid, prior, divisor, step, seen, drop,
+                     pad, rows, prior_mean, gating, kind, floor, activation):
         """The op on CUDA: the Triton kernels (arguments and results as the op's)."""
         b, k, d = x.shape
+        if shift.dim() > 1:  # one shift per row, read at row * D
+            shift = shift.expand(b, 1, d)
         out = torch.empty_like(x)
         lam, proj = (x.new_empty((b, k, 1), dtype=torch.float32) for _ in range(2))
         mean = x.new_empty((b, 1, 1), dtype=torch.float32)
@@ -366,7 +388,8 @@ if triton is not None:
             _flat(seen, b, k, x), _flat(drop, b, k, x), _flat(pad, b, k, x), _flat(rows, b, 1, x),
             _flat(prior_mean, b, 1, x), out, lam, mean, proj,
             k, d, *x.stride(), *out.stride(), float(floor),
-            ONE_PASS=k <= block_k, S_ON_DEVICE=on_device, AFFINE=affine, CLAMP=clamp,
+            ONE_PASS=k <= block_k, S_ON_DEVICE=on_device, AFFINE=affine, CLAMP=clamp, INSIDE=bool(inside),
+            ROW_SHIFT=shift.dim() > 1,
             HAS_VALID=valid is not None, HAS_PRIOR=prior_mean is not None and prior is not None,
             DECODE=step is not None and prior_mean is not None, CAUSAL=gating == "causal" and kind != "spatial",
             TOKEN=gating == "token", HAS_DROP=drop is not None, HAS_PAD=pad is not None, HAS_ROWS=rows is not None,

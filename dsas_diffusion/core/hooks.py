@@ -34,11 +34,30 @@ def as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean over positions (dim 1) of (B, K, D), padding excluded."""
+    """Mean over positions (dim 1) of (B, K, D), the positions where `valid` (B, K) is False excluded."""
     if valid is None:
         return x.mean(1)
     v = valid.to(x.dtype).unsqueeze(-1)
     return (x * v).sum(1) / v.sum(1).clamp_min(1)
+
+
+def steered_positions(valid: torch.Tensor | None, b: int, k: int, device, skip_first: bool) -> torch.Tensor | None:
+    """(B, K) bool: the positions run time steers, and so the only ones fitting may read: the real
+    tokens (`valid`, None: all), less each row's first real token when `skip_first`. None when that
+    is every position.
+
+    The one rule fitting and run time share [choice, measured]: in a causal model the first position
+    attends only to itself and becomes an attention sink (in SmolLM2-135M from layer 5 on its norm is
+    about 24,000 against 170 for other tokens, nearly all in one dimension); averaged into a pooled
+    vector it adds x0 / length, and the gate then reads length instead of content. A position never
+    steered must not shape what is fitted. Whether an encoder has such a first token (BOS) is the
+    caller's fact: T5 has none, and its first token is a word."""
+    if not skip_first:
+        return valid
+    v = torch.ones(b, k, dtype=torch.bool, device=device) if valid is None else valid.to(device=device,
+                                                                                           dtype=torch.bool)
+    seen = v.long().cumsum(1)
+    return v & (seen > 1)
 
 
 class CallState:
@@ -47,6 +66,7 @@ class CallState:
     def __init__(self):
         self.valid: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
+        self.at: torch.Tensor | None = None  # (B, K): the positions an ActivationCapture records running means at
 
 
 class _PerThread(threading.local):
@@ -151,21 +171,49 @@ class HookSet:
         self.remove()
 
 
+def prefix_means(x: torch.Tensor, read: torch.Tensor | None, at: torch.Tensor) -> torch.Tensor:
+    """(marked positions, D): at each position marked in `at` (B, K), the mean of x (B, K, D) over the
+    positions of its row up to there that `read` (B, K) marks (None: all), in row-major order. What a
+    causal gate reads at that position."""
+    v = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if read is None else read.to(x.dtype)
+    total = (x * v.unsqueeze(-1)).cumsum(1)
+    return total[at] / v.cumsum(1)[at].clamp_min(1).unsqueeze(-1)
+
+
 class ActivationCapture(HookSet):
-    """Records, per module and per forward call, the mask-aware mean activation of the selected rows.
+    """Records, per module and per forward call, the mean activation of the selected rows over the
+    positions run time steers (`steered_positions`: padding and, with `skip_first`, the first token
+    excluded); or, when a call sets `at` (B, K), the running mean up to each marked position
+    (`prefix_means`), one record per marked position: the means a causal gate reads.
 
     The means are kept as float32 on the CPU: fitting needs (examples, D), never the full
-    (examples, tokens, D) activations.
+    (examples, tokens, D) activations. `skip_first` and `at` apply to token activations (B, K, D)
+    only; spatial ones (B, C, H, W) have no first token.
     """
 
-    def __init__(self, root, names, pre_forward=None, what="model", elements=None):
+    def __init__(self, root, names, pre_forward=None, what="model", elements=None, skip_first: bool = False):
         super().__init__(root, names, pre_forward, what, elements)
+        self.skip_first = skip_first
         self.pooled: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._attach()
 
+    @property
+    def at(self) -> torch.Tensor | None:
+        return self._local.call.at
+
+    @at.setter
+    def at(self, value: torch.Tensor | None) -> None:
+        self._local.call.at = value
+
     def _on_output(self, name, x):
         tokens, _ = as_tokens(x)
-        pooled = masked_mean(tokens.float(), self.valid)
+        skip = self.skip_first and x.dim() == 3
+        read = steered_positions(self.valid, *tokens.shape[:2], tokens.device, skip)
+        at = self.at
+        if at is not None:
+            self.pooled[name].append(prefix_means(tokens.float(), read, at.to(tokens.device)).detach().cpu())
+            return None
+        pooled = masked_mean(tokens.float(), read)
         if self.rows is not None:
             pooled = pooled[self.rows.to(pooled.device)]
         self.pooled[name].append(pooled.detach().cpu())

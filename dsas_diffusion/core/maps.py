@@ -3,13 +3,16 @@
 Every map is fitted from source (S) and target (T) activations of shape (N, D), where D is the
 channel / hidden axis, and exposes `delta(x) = T(x) - x` for x of shape (..., D). Maps are
 stored as named tensors so a `Steering` can save them to safetensors without pickle. Each family
-registers its method name(s) (core/registry.py) and says which of the two run-time forms its
-delta takes (`delta_form`): a constant shift, or `alpha + slope * clamp(x, lo, hi)`.
+registers its method name(s) (core/registry.py) and says which of the run-time forms its delta
+takes (`delta_form`): a constant shift, `alpha + slope * clamp(x, lo, hi)`, or `alpha + slope * x`
+inside [lo, hi] and 0 outside. How a fitted map is applied (not what was fitted) comes from the
+steering's config: a family names the config fields it reads in `run_options`, and `configured`
+gives the map that applies them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -25,6 +28,9 @@ class SteeringMap:
     method: ClassVar[str]
     # True: `fit` gives the identity, the start of training through the model (core/learned.py)
     learned: ClassVar[bool] = False
+    # SteeringConfig fields that say how this family's maps are applied: init-only arguments of the
+    # class (not tensors, so not saved with them), carried by `to` and `scaled`, set by `configured`
+    run_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def fit(cls, source: torch.Tensor, target: torch.Tensor, **options) -> "SteeringMap":
@@ -39,10 +45,20 @@ class SteeringMap:
         raise NotImplementedError
 
     def delta_form(self) -> tuple:
-        """`("shift", shift)` for delta(x) = shift, or `("affine", alpha, slope, lo, hi)` for
-        delta(x) = alpha + slope * clamp(x, lo, hi), lo / hi None when unbounded: the two forms
-        the fused run-time op computes."""
+        """`("shift", shift)` for delta(x) = shift, `("affine", alpha, slope, lo, hi)` for
+        delta(x) = alpha + slope * clamp(x, lo, hi), lo / hi None when unbounded, or
+        `("affine_inside", alpha, slope, lo, hi)` for delta(x) = alpha + slope * x where
+        lo <= x <= hi and 0 elsewhere: the forms the fused run-time op computes."""
         raise NotImplementedError
+
+    def options(self) -> dict:
+        """The values of this map's `run_options`."""
+        return {name: getattr(self, name) for name in self.run_options}
+
+    def configured(self, config) -> "SteeringMap":
+        """This map applied as `config` (a SteeringConfig) says: itself when it already is."""
+        wanted = {name: getattr(config, name) for name in self.run_options}
+        return self if wanted == self.options() else type(self)(**self.tensors(), **wanted)
 
     @property
     def width(self) -> int:
@@ -94,7 +110,8 @@ class SteeringMap:
         """Relations between the tensors that every fit satisfies."""
 
     def to(self, device=None, dtype=None) -> "SteeringMap":
-        return type(self)(**{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()})
+        return type(self)(**{k: v.to(device=device, dtype=dtype) for k, v in self.tensors().items()},
+                          **self.options())
 
 
 @register_map("mean_shift", "mean_act")
@@ -131,25 +148,35 @@ def _quantile_grid(sorted_x: torch.Tensor, n: int) -> torch.Tensor:
     return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
 
 
+OUTSIDE_SOURCE_RANGE = ("clamp", "identity")
+
+
 @register_map("linear_act")
 @dataclass
 class LinearAcT(SteeringMap):
     """Linear-AcT: per unit, the affine 1-D optimal transport map T(x) = beta * x + alpha.
 
-    Fitted by least squares on sorted (quantile-matched) source/target pairs. The input is
-    clamped to the source sample range [lo, hi] before the map is evaluated [choice: the paper
-    transports only inside the source support], so far-off inputs get a bounded shift.
+    Fitted by least squares on sorted (quantile-matched) source/target pairs, on the source
+    sample range [lo, hi] (unbounded when fitted with clamp_to_source_range=False). Outside that
+    range (`outside_source_range`, a run option of the config): `identity` leaves the value
+    untouched, as AcT does (apple/ml-act: `LinearOTHook`, quantiles q_0_100), so inputs unlike the
+    fitting data (control prompts, the first token, padding) get no shift; `clamp` evaluates the
+    map at the input clamped to the range, so far-off inputs get a bounded shift. Inside it the two
+    agree; the range is inclusive (AcT's is open, which leaves the extreme samples themselves alone).
     """
 
     method: ClassVar[str] = "linear_act"
     infinities: ClassVar[dict[str, float]] = {"lo": -torch.inf, "hi": torch.inf}  # clamp_to_source_range=False
+    run_options: ClassVar[tuple[str, ...]] = ("outside_source_range",)
     beta: torch.Tensor
     alpha: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    outside_source_range: InitVar[str] = "clamp"
 
     @classmethod
-    def fit(cls, source, target, clamp_to_source_range: bool = True, **options):
+    def fit(cls, source, target, clamp_to_source_range: bool = True, outside_source_range: str = "clamp",
+            **options):
         xs = source.double().sort(0).values
         yt = target.double().sort(0).values
         n = max(xs.shape[0], yt.shape[0])
@@ -165,9 +192,14 @@ class LinearAcT(SteeringMap):
         else:
             lo = torch.full_like(xm, -torch.inf)
             hi = torch.full_like(xm, torch.inf)
-        return cls(beta=beta.float(), alpha=alpha.float(), lo=lo.float(), hi=hi.float())
+        return cls(beta=beta.float(), alpha=alpha.float(), lo=lo.float(), hi=hi.float(),
+                   outside_source_range=outside_source_range)
 
-    def __post_init__(self):
+    def __post_init__(self, outside_source_range):
+        if outside_source_range not in OUTSIDE_SOURCE_RANGE:
+            raise ValueError(f"outside_source_range must be one of {list(OUTSIDE_SOURCE_RANGE)}, got "
+                             f"{outside_source_range!r}")
+        self.outside_source_range = outside_source_range
         self._slope = self.beta - 1  # once here, not once per layer call
 
     @classmethod
@@ -176,17 +208,21 @@ class LinearAcT(SteeringMap):
             raise ValueError(f"{where}map tensor 'lo' exceeds 'hi' (the source range is empty); {fix}")
 
     def delta(self, x):
-        xc = torch.clamp(x, self.lo, self.hi)
-        return torch.addcmul(self.alpha, self._slope, xc)
+        if self.outside_source_range == "identity":  # the ops of fused._composite, so the two agree bit for bit
+            return torch.where((x >= self.lo) & (x <= self.hi), torch.addcmul(self.alpha, self._slope, x), 0.0)
+        return torch.addcmul(self.alpha, self._slope, torch.clamp(x, self.lo, self.hi))
 
     def scaled(self, factor):
         if factor == 1:
             return self
-        return type(self)(beta=1 + factor * self._slope, alpha=self.alpha * factor, lo=self.lo, hi=self.hi)
+        return type(self)(beta=1 + factor * self._slope, alpha=self.alpha * factor, lo=self.lo, hi=self.hi,
+                          **self.options())
 
     def delta_form(self):
-        unbounded = bool(torch.isinf(self.lo).all() and torch.isinf(self.hi).all())
-        return ("affine", self.alpha, self._slope, None if unbounded else self.lo, None if unbounded else self.hi)
+        if bool(torch.isinf(self.lo).all() and torch.isinf(self.hi).all()):  # unbounded: the options agree
+            return ("affine", self.alpha, self._slope, None, None)
+        form = "affine_inside" if self.outside_source_range == "identity" else "affine"
+        return (form, self.alpha, self._slope, self.lo, self.hi)
 
 
 @register_map("lineas")

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from .call_state import Sequence, SteeringCall, State, joined
 from .config import Gating, LayerKind
-from .fused import lambdas, map_terms, steer_layer
+from .fused import MapTerms, lambdas, map_terms, steer_layer
 from .gate import Gate
-from .hooks import HookSet, PreForward, as_tokens
+from .hooks import steered_positions
+from .hooks import HookSet, PreForward, as_tokens, masked_mean
 from .maps import SteeringMap
 from .options import RunOptionAttributes, RunOptions, check_bool, check_strength
 from .recorder import Recorder
@@ -70,6 +71,9 @@ def positions(
     rows: torch.Tensor | None = None,
 ) -> Positions:
     """The shared part of the gate for a call of B rows and K positions (see `gate_lambdas`)."""
+    skip_first = skip_first and kind != "spatial"  # an image's first position is a patch, not a BOS
+    if skip_first and starts and prior_count is None:  # never steered, so not counted in the gate's means either
+        valid = steered_positions(valid, b, k, device, True)
     vf = None if valid is None else valid.to(device=device, dtype=torch.float32).unsqueeze(-1)
     if vf is None:
         count = torch.full((b, 1, 1), float(k), device=device) if prior_count is None else prior_count + k
@@ -91,9 +95,7 @@ def positions(
             if prior_count is not None:
                 seen = seen + prior_count
     if masks:
-        drop = seen == 0  # left padding before any real token
-        if skip_first:  # the first real token of the sequence, if it is in this call
-            drop = drop | ((seen == 1) if vf is None else (seen == 1) & (vf > 0))
+        drop = seen == 0  # left padding, and the first real token when it is skipped (no longer counted)
     pad = None
     if valid is not None and gating == "token":
         pad = ~valid.to(device=device, dtype=torch.bool).unsqueeze(-1)
@@ -149,13 +151,20 @@ def gate_lambdas(
 
 
 class _LayerRuntime:
-    """One layer's map and gate, cast lazily to the device and dtype of its activations."""
+    """One layer's map and gate, cast lazily to the device and dtype of its activations.
+
+    `spatial_mean`: the map transports each row's mean over its positions and every position gets
+    that row's shift (the config's `spatial_map`; only where it differs from the map applied per
+    position: an affine, closed-form map on a spatial layer)."""
 
     def __init__(self, map_: SteeringMap, gate: Gate, kind: LayerKind, steered: bool, element: int,
-                 recorder: Recorder):
+                 recorder: Recorder, spatial_mean: bool = False):
         self.map, self.gate, self.kind, self.steered, self.element = map_, gate, kind, steered, element
         self.width = map_.width
         self.recorder = recorder
+        terms = map_terms(map_)
+        self.spatial_mean = (spatial_mean and kind == "spatial" and not map_.learned
+                             and (terms is None or terms.slope is not None))
         self._cast: dict = {}
 
     def on(self, x: torch.Tensor) -> tuple:
@@ -249,9 +258,9 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         self.track_running = False  # set by integrations whose calls continue a sequence (KV cache)
         self.layer_names = {local: full for full, local in names.items()}
         self._layers = {
-            local: _LayerRuntime(steering.maps[full], steering.gates[full], cfg.layers[full].kind,
+            local: _LayerRuntime(steering.maps[full].configured(cfg), steering.gates[full], cfg.layers[full].kind,
                                  cfg.layers[full].steered, getattr(cfg.layers[full], "element", 0),
-                                 Recorder(self._history_of(local)))
+                                 Recorder(self._history_of(local)), cfg.spatial_map == "spatial_mean")
             for full, local in names.items()
         }
         self.elements = {local: layer.element for local, layer in self._layers.items() if layer.element}
@@ -359,7 +368,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
 
     def new_sequence(self, call: SteeringCall, cache) -> Sequence:
         """`call`'s sequence from now on, following `cache` (see `dsas_diffusion.llm.sequence.follow_cache`)."""
-        call.sequence = Sequence(call, self.gating, cache)
+        call.sequence = Sequence(call, self.gating, cache, skip_first=self._skip_first_token)
         return call.sequence
 
     def _begin_call(self, args, kwargs):
@@ -397,6 +406,8 @@ class SteeringHandle(RunOptionAttributes, HookSet):
                 f"was fitted on width {layer.width}: it belongs to another model; fit it again on this one"
             )
         map_, weight, bias, terms = layer.on(tokens)
+        if layer.spatial_mean:  # one shift per row, from its mean: the op's constant-shift form
+            terms = MapTerms(_row_delta(map_, tokens, call.valid))
         strength = run.strength_on(tokens.device)
         out = None
         if run.gated:
@@ -421,10 +432,18 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         if out is None:
             scale = lam * strength
             out = torch.addcmul(tokens, scale if scale.dtype == tokens.dtype else scale.to(tokens.dtype),
-                                map_.delta(tokens))
+                                terms.shift if layer.spatial_mean else map_.delta(tokens))
         if select:
             out = torch.where(strength != 0, out, tokens)
         return out if restore is None else restore(out)
+
+
+def _row_delta(map_: SteeringMap, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, D): the map's delta at each row's mean over its (real) positions; the mean is taken in
+    float32 and the map evaluated in the activations' dtype, as at a single position."""
+    mean = tokens.mean(1, keepdim=True, dtype=torch.float32) if valid is None \
+        else masked_mean(tokens.float(), valid).unsqueeze(1)
+    return map_.delta(mean.to(tokens.dtype))
 
 
 def _devices_of(root: torch.nn.Module) -> list[torch.device]:

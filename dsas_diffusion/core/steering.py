@@ -69,7 +69,10 @@ class Steering:
                              "with the config its maps were fitted with")
         # one layer order whatever built the steering (a fit, a load from sorted-key JSON, a subset)
         config.layers = dict(sorted(config.layers.items(), key=lambda item: _natural_key(item[0])))
-        self.config, self.maps, self.gates = config, maps, gates
+        # each map applied as the config says (e.g. Linear-AcT outside its source range), also where
+        # code calls map.delta directly (training, incremental refits), not only once attached
+        self.config, self.gates = config, gates
+        self.maps = {name: m.configured(config) for name, m in maps.items()}
         self.probes = probes or {}
 
     # ---- inspection -------------------------------------------------------------------------

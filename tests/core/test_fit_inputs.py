@@ -75,6 +75,8 @@ LM_CASES = [
     ("cv_folds", -2, ValueError),
     ("cv_folds", 4.0, TypeError),
     ("gate_activation", "tanh", ValueError),
+    ("outside_source_range", "mirror", ValueError),
+    ("spatial_map", "per_pixel", ValueError),
     ("gates", "learned", ValueError),
     ("gate_source", "a banana", TypeError),
     ("gate_control", [1, 2], TypeError),

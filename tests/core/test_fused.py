@@ -24,12 +24,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def maps(g: torch.Generator) -> dict:
-    """Every map form: a constant shift, the clamped and unclamped affine maps of Linear-AcT."""
+    """Every map form: a constant shift, the clamped, identity-outside and unclamped affine maps of Linear-AcT."""
     beta, alpha = 1 + 0.5 * torch.randn(D, generator=g), torch.randn(D, generator=g)
     lo = -0.5 - torch.rand(D, generator=g)
     return {"shift": MeanShift(shift=torch.randn(D, generator=g)),
             "affine_clamped": LinearAcT(beta=beta, alpha=alpha, lo=lo, hi=lo + 1.2),
-            "affine": LinearAcT(beta=beta, alpha=alpha, lo=torch.full((D,), -torch.inf), hi=torch.full((D,), torch.inf)),
+            "affine_inside": LinearAcT(beta=beta, alpha=alpha, lo=lo, hi=lo + 1.2, outside_source_range="identity"),
+            "affine": LinearAcT(beta=beta, alpha=alpha, lo=torch.full((D,), -torch.inf),
+                                hi=torch.full((D,), torch.inf)),
             "iti": ITIC(shift=torch.randn(D, generator=g))}
 
 
@@ -70,28 +72,30 @@ def oracle_lambdas(proj, gating, kind, floor, activation, valid=None, skip_first
     p = proj.double().view(b, k)
     v = torch.ones(b, k, dtype=torch.bool) if valid is None else valid
     lam, means = torch.zeros(b, k, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
+    skip = skip_first and starts and kind != "spatial"  # the first real token: neither steered nor counted
     for i in range(b):
         n = 0.0 if prior_count is None else prior_count[i].item()
         total = 0.0 if prior_mean is None else prior_mean[i].item() * n
-        causal, seen = [], []
+        causal, seen, real = [], [], 0
         for j in range(k):
-            n += float(v[i, j])
-            total += p[i, j].item() * float(v[i, j])
+            real += int(v[i, j])
+            counted = float(v[i, j] and not (skip and real == 1))
+            n += counted
+            total += p[i, j].item() * counted
             causal.append(total / max(n, 1.0))
             seen.append(n)
         means[i] = total / max(n, 1.0)
         for j in range(k):
             if gating == "causal" and kind != "spatial":
                 logit = causal[j]
-            elif gating == "token" and v[i, j]:
+            elif gating == "token" and v[i, j] and not (skip and sum(v[i, :j + 1]) == 1):
                 logit = p[i, j].item()
             else:
                 logit = means[i].item()
             lam[i, j] = activate(torch.tensor(logit, dtype=torch.float64), activation)
             if lam[i, j] < floor:
                 lam[i, j] = 0.0
-            if starts and (skip_first or valid is not None) and (
-                    seen[j] == 0 or (skip_first and seen[j] == 1 and v[i, j])):
+            if starts and (skip or valid is not None) and seen[j] == 0:  # leading padding, the skipped token
                 lam[i, j] = 0.0
         if rows is not None:
             lam[i] *= rows[i]
@@ -153,15 +157,32 @@ def test_unclamped_affine_terms_and_unknown_maps():
     assert map_terms(object()) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_shift_per_row_is_the_composite_bit_for_bit(dtype):
+    """A (B, 1, D) shift (a spatial mean transported: core/runtime.py) through the function and the op."""
+    g = torch.Generator().manual_seed(6)
+    x = as_tokens(torch.randn(B, D, 2, 3, generator=g).to(dtype))[0]
+    w, b = torch.randn(1, D, generator=g), torch.randn(1, generator=g)
+    shift = torch.randn(B, 1, D, generator=g).to(dtype)
+    pos = positions(B, x.shape[1], "cpu", gating="sequence", kind="spatial", rows=torch.tensor([1.0, 0.0, 1.0]))
+    got = steer_layer(x, w, b, torch.tensor(1.5), MapTerms(shift), pos, gating="sequence", kind="spatial")
+    op = torch.ops.dsas.steer_layer(*op_args(x, w, b, torch.tensor(1.5), MapTerms(shift), pos, gating="sequence",
+                                             kind="spatial"))
+    want = torch.addcmul(x, got.lam.to(dtype), shift, value=1.5)
+    assert torch.equal(got.out, want) and torch.equal(op[0], want) and torch.equal(want[1], x[1])
+
+
 def test_fake_implementation_matches_the_real_one():
     """opcheck runs the op under FakeTensorMode and AOT dispatch and compares shapes, dtypes and strides."""
     g = torch.Generator().manual_seed(3)
     dtypes = {"prefill, padded, skip first": torch.float32, "decode step, padded row": torch.float16,
               "spatial": torch.bfloat16}
+    forms = {"prefill, padded, skip first": "affine_inside", "decode step, padded row": "affine_clamped",
+             "spatial": "affine_inside"}
     weight, bias = torch.randn(D, generator=g), torch.randn((), generator=g)
     for name, x, kind, kw, prior_mean in situations(g):
         if name in dtypes:
-            map_, w, b = cast(maps(g)["affine_clamped"], weight, bias, dtypes[name])
+            map_, w, b = cast(maps(g)[forms[name]], weight, bias, dtypes[name])
             pos = positions(B, x.shape[1], "cpu", gating="token", kind=kind, **kw)
             args = op_args(x.to(dtypes[name]), w, b, torch.tensor(2.0), map_terms(map_), pos, gating="token",
                            kind=kind, prior_mean=prior_mean)
@@ -224,6 +245,6 @@ def test_triton_kernel_in_the_interpreter():
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "benchmarks.fused_check", "--interpret", "--dtypes", "float32",
-               "--maps", "affine clamped"]
+               "--maps", "affine clamped", "affine inside", "shift per row"]
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

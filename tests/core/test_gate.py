@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsas_diffusion.core import fit_gate, gate_lambdas
-from dsas_diffusion.core.gate import _fit_folded, split_held_out
+from dsas_diffusion.core.gate import _fit_folded, prompt_weights, split_held_out
 from dsas_diffusion.core.linear_probe import fit_logistic_regression, pca
 
 
@@ -54,7 +54,7 @@ def test_token_mode_padding_takes_the_sequence_decision_and_first_token_is_skipp
     proj = torch.tensor([[5.0, -1.0, 3.0, 9.0, 9.0]])
     valid = torch.tensor([[True, True, True, False, False]])
     lam, _ = gate_lambdas(proj, gating="token", valid=valid, skip_first=True)
-    seq = torch.sigmoid(torch.tensor(7.0 / 3))
+    seq = torch.sigmoid(torch.tensor(2.0 / 2))  # the skipped first token is not counted in the mean either
     torch.testing.assert_close(lam, torch.stack([torch.tensor(0.0), torch.sigmoid(torch.tensor(-1.0)),
                                                  torch.sigmoid(torch.tensor(3.0)), seq, seq]).unsqueeze(0))
 
@@ -174,3 +174,21 @@ def test_accuracy_scaling_weighs_each_map_by_its_gate_accuracy_instead_of_a_thre
     assert fits[True].maps["clear"] is not None and torch.equal(fits[True].maps["clear"].beta,
                                                                  fits[False].maps["clear"].beta)
     assert [accuracy_weight(a) for a in (0.3, 0.5, 0.75, 1.0, float("nan"))] == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_each_prompt_weighs_the_same_however_many_rows_it_gives():
+    """Causal-gate fitting gives a control text a row per position read and a source text fewer: unweighted,
+    the logistic loss would lean towards the class with more rows and bias the gate against the source."""
+    g = torch.Generator().manual_seed(0)
+    n, d, rows = 24, 16, 8
+    s = torch.randn(n, d, generator=g)
+    s[:, 0] += 1.5
+    c = torch.randn(n * rows, d, generator=g)  # 8 rows per control prompt
+    cg = torch.arange(n).repeat_interleave(rows)
+    gate = fit_gate(s, c, rank=4, control_groups=cg, held_out_fraction=0)
+    p_source = torch.sigmoid(gate.logits(s)).mean()
+    p_control = 1 - torch.sigmoid(gate.logits(c)).mean()
+    assert abs(p_source - p_control) < 0.03  # balanced: as sure of one class as of the other
+    assert prompt_weights(torch.arange(5).repeat_interleave(3)) is None  # equal counts: unweighted, as before
+    w = prompt_weights(torch.tensor([0, 1, 1, 1]))
+    torch.testing.assert_close(w, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3], dtype=torch.float64))

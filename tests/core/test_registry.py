@@ -73,7 +73,9 @@ def test_built_in_families_and_gate_kinds():
 def _from_form(form, x):
     if form[0] == "shift":
         return form[1].expand_as(x)
-    _, alpha, slope, lo, hi = form
+    kind, alpha, slope, lo, hi = form
+    if kind == "affine_inside":  # AcT's identity outside the source range
+        return torch.where((x >= lo) & (x <= hi), torch.addcmul(alpha, slope, x), torch.zeros_like(x))
     return torch.addcmul(alpha, slope, x if lo is None else torch.clamp(x, lo, hi))
 
 
@@ -82,8 +84,10 @@ def _from_form(form, x):
     ITIC(shift=torch.linspace(0, 1, 6)),
     LinearAcT.fit(torch.randn(50, 6), torch.randn(40, 6) * 2 + 1),
     LinearAcT.fit(torch.randn(50, 6), torch.randn(40, 6) * 2 + 1, clamp_to_source_range=False),
+    LinearAcT(**LinearAcT.fit(torch.randn(50, 6), torch.randn(40, 6) * 2 + 1).tensors(),
+              outside_source_range="identity"),
     LinEAS(weight=torch.linspace(0.5, 2, 6), bias=torch.linspace(-1, 1, 6)),
-], ids=["mean_shift", "iti", "linear_act", "linear_act-unclamped", "lineas"])
+], ids=["mean_shift", "iti", "linear_act", "linear_act-unclamped", "linear_act-identity", "lineas"])
 def test_every_family_delta_form_is_its_delta_and_scaled_scales_it(m):
     x = torch.randn(2, 5, 6) * 4
     assert torch.equal(_from_form(m.delta_form(), x), m.delta(x).expand_as(x))
