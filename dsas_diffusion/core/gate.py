@@ -43,11 +43,30 @@ class Gate:
         return {"weight": self.weight, "bias": self.bias}
 
 
-def _fit_folded(x: torch.Tensor, y: torch.Tensor, rank: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_weights(groups: torch.Tensor) -> torch.Tensor | None:
+    """Per sample, 1 / (samples of its prompt), scaled to mean 1, so each prompt weighs the same in the
+    logistic loss and in the accuracy however many samples it gives (a text gives one per position a
+    causal gate reads, more the longer it is); None (unweighted) when every prompt gives equally many."""
+    _, index, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    if bool((counts == counts[0]).all()):
+        return None
+    w = 1.0 / counts[index].double()
+    return w * (len(groups) / w.sum())
+
+
+def _score(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Accuracy of the gate (w, b) on (x, y), each prompt weighing the same (`prompt_weights`)."""
+    right = ((x.double() @ w + b > 0).double() == y).double()
+    weight = prompt_weights(groups)
+    return right.mean() if weight is None else (right * weight).mean()
+
+
+def _fit_folded(x: torch.Tensor, y: torch.Tensor, rank: int, l2: float,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     mean, components, std = pca(x, rank)
     std = std.clamp_min(1e-12 * (1 + std.max()))
     z = (x.double() - mean) @ components.T / std
-    w_z, b_z = fit_logistic_regression(z, y, l2=l2)
+    w_z, b_z = fit_logistic_regression(z, y, l2=l2, sample_weight=weight)
     weight = components.T @ (w_z / std)
     return weight, b_z - weight @ mean
 
@@ -108,12 +127,13 @@ def fit_gate(
     x = torch.cat([source, control])
     y = torch.cat([torch.ones(len(source)), torch.zeros(len(control))])
     held = torch.cat([held_s, held_c])
+    groups = torch.cat([sg, cg + sg.max() + 1])
     if held.any():
-        w, b = _fit_folded(x[~held], y[~held], rank, l2)
-        accuracy = ((x[held].double() @ w + b > 0).double() == y[held]).double().mean().item()
+        w, b = _fit_folded(x[~held], y[~held], rank, l2, prompt_weights(groups[~held]))
+        accuracy = _score(x[held], y[held], w, b, groups[held]).item()
     else:
         accuracy = float("nan")
-    w, b = _fit_folded(x, y, rank, l2)
+    w, b = _fit_folded(x, y, rank, l2, prompt_weights(groups))
     return Gate(weight=w.float(), bias=b.float(), accuracy=accuracy)
 
 
@@ -130,10 +150,10 @@ def _fit_cross_validated(source, control, sg, cg, rank, l2, folds, seed) -> Gate
     for k in range(folds):
         held = fold == k
         _check_training_prompts(len(torch.unique(groups[~held])), rank, f"holding out fold {k + 1} of {folds}")
-        w, b = _fit_folded(x[~held], y[~held], rank, l2)
-        scores.append(((x[held].double() @ w + b > 0).double() == y[held]).double().mean())
+        w, b = _fit_folded(x[~held], y[~held], rank, l2, prompt_weights(groups[~held]))
+        scores.append(_score(x[held], y[held], w, b, groups[held]))
     scores = torch.stack(scores)
-    w, b = _fit_folded(x, y, rank, l2)
+    w, b = _fit_folded(x, y, rank, l2, prompt_weights(groups))
     return Gate(weight=w.float(), bias=b.float(), accuracy=scores.mean().item(), accuracy_std=scores.std().item())
 
 

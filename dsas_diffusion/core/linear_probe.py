@@ -20,15 +20,17 @@ def pca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def fit_logistic_regression(
-    x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, max_iter: int = 200
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, max_iter: int = 200, sample_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Binary logistic regression; `l2` is the inverse of scikit-learn's C (penalty 0.5 * l2 * |w|^2).
+    """Binary logistic regression; `l2` is the inverse of scikit-learn's C (penalty 0.5 * l2 * |w|^2),
+    `sample_weight` (N,) scikit-learn's too (None: 1 each).
 
     Returns (weight (D,), bias ()), both float64. The penalty keeps separable data, the usual case
     with a few dozen prompts, from driving the weights to infinity.
     """
     x = x.double()
     y = y.double()
+    sample_weight = None if sample_weight is None else sample_weight.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
@@ -36,7 +38,8 @@ def fit_logistic_regression(
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, reduction="sum") + 0.5 * l2 * w.dot(w)
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, weight=sample_weight, reduction="sum") \
+            + 0.5 * l2 * w.dot(w)
         loss.backward()
         return loss
 

@@ -26,7 +26,8 @@ def test_fit_records_the_model_and_its_own_layer_names(family, model):
 
 
 def test_pooled_activations_exclude_padding_and_ignore_the_batch(tokenizer):
-    """Mean over each text's real tokens only, and the same whether a text is run alone or in a padded batch."""
+    """Mean over each text's real tokens but the first (never steered), and the same whether a text is run alone
+    or in a padded batch."""
     model = make_model("llama")
     _, names = resolve_layers(model)
     texts = ["i see a banana", "i see a red dog on the big table near the sea"]
@@ -37,7 +38,7 @@ def test_pooled_activations_exclude_padding_and_ignore_the_batch(tokenizer):
     hidden = model(**enc, output_hidden_states=True).hidden_states[1]  # output of model.layers.0
     for name in names:
         torch.testing.assert_close(batched[name], alone[name], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(batched[names[0]][0], hidden[0].mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[names[0]][0], hidden[0][1:].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_fitting_turns_dropout_off_and_restores_every_flag():
@@ -90,3 +91,25 @@ def test_bad_input_is_refused_before_the_model_runs():
     with pytest.raises(ValueError):
         _fit(model=model, source=["i see a banana " * 20] + SOURCE)
     assert not calls
+
+
+def test_a_huge_first_token_does_not_reach_the_fit():
+    """An attention sink (SmolLM2's first token is ~140x the others' norm) at the fitted layer leaves the fitted
+    maps and gates as they are: fitting reads only the positions run time steers."""
+    def fit(sink: float):
+        model = make_model("llama")
+        last = model.model.layers[-1]  # its output reaches no other position: only the sink changes
+        last.register_forward_hook(lambda m, args, out: _with_first_token(out, sink))
+        return _fit(model=model, layers=r"model\.layers\.1", accuracy_threshold=0.0)
+
+    plain, sink = fit(0.0), fit(2.4e4)
+    for name in plain.layers:  # exactly: the sink is multiplied by 0, never averaged in
+        assert torch.equal(plain.gates[name].weight, sink.gates[name].weight)
+        assert torch.equal(plain.gates[name].bias, sink.gates[name].bias)
+        assert torch.equal(plain.maps[name].shift, sink.maps[name].shift)
+
+
+def _with_first_token(out, sink: float):
+    x = (out[0] if isinstance(out, tuple) else out).clone()
+    x[:, 0, 0] += sink
+    return (x, *out[1:]) if isinstance(out, tuple) else x
