@@ -3,7 +3,8 @@
 Under `accelerate launch` every process collects the activations of a share of the prompt batches
 (the costly part: the UNet stage runs the denoising loop for every prompt); the activations are
 gathered, every process fits the same steering, bit-identical to a one-process fit, and the main
-process saves it.
+process saves it. Steering learned through the text encoders (`--method lineas`, `--gates e2e`) is
+then trained by every process alike, on the whole prompt sets.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.config import GATE_ACTIVATIONS
 from ..core.maps import map_class
-from ..core.registry import methods
+from ..core.registry import gate_kinds, methods
 from . import arguments as types
 from .common import CLIError, add_runtime_args, device_for, echo, process_state, torch_dtype
-
-# the registered map families fitted in closed form; learned ones (LinEAS) train through a language model
-# with dsas_diffusion.llm.fit_steering, which pipelines do not offer yet
-METHODS = tuple(m for m in methods() if not map_class(m).learned)
 
 
 def add_parser(sub) -> None:
@@ -38,10 +36,11 @@ def add_parser(sub) -> None:
                         "--source / --target / --control override its files")
     g.add_argument("--column", help="column of the prompts in CSV / JSONL files (default: 'prompt')")
     g = p.add_argument_group("fitting")
-    g.add_argument("--method", choices=METHODS, default="linear_act", help="steering map family (default: linear_act)")
-    g.add_argument("--steer", choices=("both", "text_encoder", "denoiser", "unet", "transformer"), default="both",
+    g.add_argument("--method", choices=methods(), default="linear_act",
+                   help="steering map family (default: linear_act); lineas is learned through the text encoders")
+    g.add_argument("--steer", choices=("both", "text_encoder", "denoiser", "unet", "transformer"),
                    help="where to steer: text encoder layers, the denoiser's (the UNet's or the transformer's), or "
-                        "both (default: both)")
+                        "both (default: both; text_encoder, the only place, for steering learned through the model)")
     g.add_argument("--pca-rank", type=types.positive_int, default=5, help="PCA rank of each gate (default: 5)")
     g.add_argument("--threshold", type=types.fraction, default=0.75,
                    help="layers whose held-out gate accuracy is below this are not steered (default: 0.75)")
@@ -62,7 +61,22 @@ def add_parser(sub) -> None:
                    help="image width when collecting denoiser activations (default: the model's)")
     g.add_argument("--batch-size", type=types.positive_int, default=8, help="prompts per forward pass (default: 8)")
     g.add_argument("--seed", type=types.seed, default=0,
-                   help="seed of the held-out split and the UNet runs (default: 0)")
+                   help="seed of the held-out split, the UNet runs and the learning (default: 0)")
+    g = p.add_argument_group("gates")
+    g.add_argument("--gates", choices=gate_kinds(), default="two_stage",
+                   help="two_stage: fitted on source vs control activations; e2e: learned with the maps through the "
+                        "text encoders (default: two_stage)")
+    g.add_argument("--gate-activation", choices=GATE_ACTIVATIONS, default="sigmoid",
+                   help="how a gate's logit becomes lambda (default: sigmoid)")
+    g.add_argument("--gate-source", metavar="FILE",
+                   help="fit the gates on these prompts instead of --source: the map of one concept applied where "
+                        "the gate of another fires (two-stage gates only)")
+    g.add_argument("--gate-control", metavar="FILE", help="the gates' control prompts instead of --control")
+    g = p.add_argument_group("learning (--method lineas or --gates e2e)")
+    g.add_argument("--training-steps", type=types.positive_int,
+                   help="optimiser steps of what is learned through the text encoders (default: 1000)")
+    g.add_argument("--learning-rate", type=types.learning_rate,
+                   help="learning rate of what is learned through the text encoders (default: 1e-3)")
     p.add_argument("--out", required=True, type=types.output_folder, help="steering folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a steering already in --out")
     p.add_argument("--report", metavar="FILE", type=types.output_file,
@@ -78,6 +92,7 @@ def run(args) -> int:
     from ..diffusion.families import family_of
     from .common import check_steps, load_pipeline
 
+    training = _training(args)
     state = process_state(args.cpu, args.threads)  # under accelerate, every process collects a share of the activations
     files = {}
     for role in ("source", "target", "control"):
@@ -85,10 +100,12 @@ def run(args) -> int:
         if path is None:
             raise CLIError(f"no {role} prompts; pass --{role} FILE or --prompt-set DIR")
         files[role] = path
+    files.update({role: getattr(args, role) for role in ("gate_source", "gate_control") if getattr(args, role)})
     out = Path(args.out)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise CLIError(f"{out} already holds a steering; pass --overwrite to replace it, or choose another --out")
     prompts = {role: read_prompts(path, args.column if is_table(path) else None) for role, path in files.items()}
+    gate_sets = {role: prompts[role] for role in ("gate_source", "gate_control") if role in prompts}
     echo(state, "prompts: " + ", ".join(f"{len(v)} {k}" for k, v in prompts.items()))
 
     device = device_for(state, args.cpu)
@@ -107,7 +124,7 @@ def run(args) -> int:
         pca_rank=args.pca_rank, accuracy_threshold=args.threshold, gating=args.gating,
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
         batch_size=args.batch_size, seed=args.seed, progress=args.progress and state.is_main_process, state=state,
-        **layer_args)
+        gates=args.gates, gate_activation=args.gate_activation, training=training, **gate_sets, **layer_args)
     if not state.is_main_process:
         return 0  # every process fitted the same steering; the main one saves it
     steering.save_pretrained(out)
@@ -116,6 +133,25 @@ def run(args) -> int:
         write_text_atomic(args.report, _report_text(steering, args.report))
     echo(state, report, f"saved the steering to {out}")
     return 0
+
+
+def _training(args) -> dict | None:
+    """The learning options given, refused (before any model loads) where nothing is learned or the
+    steering could not be learned as asked."""
+    learned = map_class(args.method).learned or args.gates == "e2e"
+    given = {k: v for k, v in (("steps", args.training_steps), ("lr", args.learning_rate)) if v is not None}
+    if given and not learned:
+        raise CLIError(f"--training-steps / --learning-rate set how steering is learned through the text encoders; "
+                       f"--method {args.method} with --gates {args.gates} learns nothing: pass --method lineas or "
+                       "--gates e2e, or drop them")
+    if learned and args.steer not in (None, "text_encoder"):
+        raise CLIError(f"--method {args.method} with --gates {args.gates} is learned through the text encoders only; "
+                       "pass --steer text_encoder (or leave --steer out), or a closed-form --method with two-stage "
+                       "gates to steer the denoiser")
+    if args.gates == "e2e" and (args.gate_source or args.gate_control):
+        raise CLIError("--gate-source / --gate-control give two-stage gates of another concept; end-to-end gates learn "
+                       "from source, target and control alone: pass --gates two_stage, or drop them")
+    return given if learned else None
 
 
 def _report_text(steering, path: str) -> str:

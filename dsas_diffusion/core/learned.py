@@ -1,16 +1,17 @@
 """Learning steering through the model: LinEAS maps and end-to-end (E2E) DSAS gates.
 
 Framework-free: an integration hands over `run(label, rows)`, which runs its model on those
-examples of one set ("source" or "control") with its own batching and padding, and the pooled
-unsteered target activations it collected already. Hooks on the steered modules apply the DSAS
-rule with trainable tensors (core/training_hooks.py); every layer's map and gate is trained
+examples of one set ("source" or "control") with its own batching and padding (a language model's
+forward; a pipeline's `encode_prompt`, which runs all its text encoders), and the pooled unsteered
+target activations it collected already. Hooks on the steered modules of every component apply the
+DSAS rule with trainable tensors (core/training_hooks.py); every layer's map and gate is trained
 jointly, so each layer learns on activations already steered by the layers before it.
 
 The loss, summed over layers:
 - Wasserstein (LinEAS): per unit, the squared 1-D Wasserstein-2 distance between the steered,
   token-averaged activations of a source batch and those of a target batch of the same size
   (both sorted), summed over units;
-- control (E2E gates only): the mean over the real tokens of a control batch of
+- control (E2E gates only): the mean over the steered positions of a control batch of
   ||steered - unsteered||^2, the unsteered reference from a forward of the same batch without
   steering [choice: circuit breakers' L2 retain term; the paper's exact form is not public].
 Adam (betas 0.9, 0.9), cosine decay to lr * 1e-3 (the authors' LinEAS settings), early stop when
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -33,7 +35,7 @@ from .gate import Gate
 from .hooks import PreForward
 from .maps import LinEAS
 from .steering import Steering
-from .training_hooks import LayerParameters, TrainingHooks
+from .training_hooks import LayerParameters, Recording, TrainingHooks
 
 Run = Callable[[str, Sequence[int]], None]
 
@@ -101,20 +103,27 @@ def relu_start(gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_steering(
     steering: Steering,
-    model: nn.Module,
+    model: nn.Module | dict[str, nn.Module],
     run: Run,
     sizes: dict[str, int],
     target: dict[str, torch.Tensor],
     options: TrainingOptions,
     *,
-    prefix: str = "",
-    pre_forward: PreForward | None = None,
+    pre_forward: PreForward | dict[str, PreForward | None] | None = None,
+    skip_first_token: dict[str, bool] | None = None,
     progress: bool = True,
 ) -> tuple[Steering, list[float]]:
     """(the trained steering, the loss of each step). Learns the maps of a learned family (LinEAS:
     from the identity) and, for `config.gates == "e2e"`, the gates (from the two-stage ones the fit
     found); the rest stays as fitted. `sizes` are the numbers of source and control examples `run`
-    takes rows of; `target` holds the target set's pooled activations per layer."""
+    takes rows of; `target` holds the target set's pooled activations per layer.
+
+    `model` is the module whose layers are named in the steering, or several components
+    {component: module} trained jointly (a pipeline's text encoders), whose layers are named
+    "component.<module name>", with `pre_forward` then {component: its pre_forward} and
+    `skip_first_token` {component: whether its first token is skipped} (default: the config's, for
+    every component; a T5 encoder has no BOS to skip). The modules' weights are frozen and they run
+    in eval mode while learning (both restored afterwards)."""
     config = steering.config
     learn_maps, learn_gates = isinstance(steering.maps[steering.layers[0]], LinEAS), config.gates == "e2e"
     if not (learn_maps or learn_gates):
@@ -123,10 +132,9 @@ def train_steering(
     if options.sparsity > 0 and not learn_maps:
         raise ValueError(f"sparsity={options.sparsity} selects layers of learned maps (method='lineas'); "
                          f"method={config.method!r} learns none: drop sparsity")
-    device = next(iter(target.values())).device
     params = {}
     for name in steering.layers:
-        gate = steering.gates[name]
+        gate, device = steering.gates[name], target[name].device
         start = None
         if learn_gates:
             start = relu_start(gate) if config.gate_activation == "relu" else (gate.weight, gate.bias)
@@ -134,20 +142,46 @@ def train_steering(
                                        None if learn_maps else steering.maps[name].to(device, torch.float32),
                                        start).to(device)
     trainable = [p for layer in params.values() for p in layer.parameters()]
-    names = {full: full[len(prefix):] for full in steering.layers}
-    hooks = TrainingHooks(model, names, params, gating=config.gating,
-                          kinds={n: i.kind for n, i in config.layers.items()}, activation=config.gate_activation,
-                          skip_first_token=config.skip_first_token, pre_forward=pre_forward)
-    try:
-        losses = _optimise(hooks, params, trainable, run, sizes, target, options, learn_gates, learn_maps,
+    roots = model if isinstance(model, dict) else {"": model}
+    pre = pre_forward if isinstance(pre_forward, dict) else {"": pre_forward}
+    recording = Recording()
+    kinds = {n: i.kind for n, i in config.layers.items()}
+    with ExitStack() as stack:
+        for component, root in roots.items():
+            stack.enter_context(_frozen_eval(root))
+            head = f"{component}." if component else ""
+            names = {full: full[len(head):] for full in steering.layers if full.startswith(head)}
+            stack.enter_context(TrainingHooks(
+                root, names, params, recording=recording, gating=config.gating, kinds=kinds,
+                activation=config.gate_activation,
+                skip_first_token=(skip_first_token or {}).get(component, config.skip_first_token),
+                pre_forward=pre.get(component), what=component or "model"))
+        stack.enter_context(torch.enable_grad())
+        losses = _optimise(recording, params, trainable, run, sizes, target, options, learn_gates, learn_maps,
                            config.seed, progress)
-    finally:
-        hooks.remove()
     record = {**asdict(options), "steps_run": len(losses), "final_loss": losses[-1]}
     return _trained(steering, params, learn_maps, learn_gates, record), losses
 
 
-def _optimise(hooks: TrainingHooks, params: dict[str, LayerParameters], trainable: list[nn.Parameter], run: Run,
+@contextmanager
+def _frozen_eval(model: nn.Module):
+    """The model's own weights out of autograd (only the steering's tensors are trained; the graph
+    then keeps nothing for the weights' gradients) and dropout off; both restored afterwards."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    modes = [(m, m.training) for m in model.modules()]
+    for p in trainable:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
+
+
+def _optimise(rec: Recording, params: dict[str, LayerParameters], trainable: list[nn.Parameter], run: Run,
               sizes: dict[str, int], target: dict[str, torch.Tensor], options: TrainingOptions, learn_gates: bool,
               learn_maps: bool, seed: int, progress: bool) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
@@ -161,11 +195,11 @@ def _optimise(hooks: TrainingHooks, params: dict[str, LayerParameters], trainabl
     for _ in bar:
         rows = torch.randperm(sizes["source"], generator=generator)[:batch].tolist()
         target_rows = torch.randperm(n_target, generator=generator)[:batch]
-        hooks.steer, hooks.record = True, "pooled"
+        rec.steer, rec.record = True, "pooled"
         run("source", rows)
-        loss = sum(wasserstein(hooks.outputs[n], target[n][target_rows]) for n in params)
+        loss = sum(wasserstein(rec.outputs[n], target[n][target_rows.to(target[n].device)]) for n in params)
         if learn_gates and options.control_weight > 0:
-            loss = loss + options.control_weight * _control_term(hooks, run, params, sizes["control"], control_batch,
+            loss = loss + options.control_weight * _control_term(rec, run, params, sizes["control"], control_batch,
                                                                  generator)
         if not torch.isfinite(loss):
             raise ValueError(f"learning the steering diverged: the loss is {loss.item()} at step {len(losses) + 1}; "
@@ -186,23 +220,27 @@ def _optimise(hooks: TrainingHooks, params: dict[str, LayerParameters], trainabl
             stalled += 1
             if stalled >= options.patience:
                 break
-    hooks.outputs.clear()
+    rec.outputs.clear(), rec.masks.clear()
     return losses
 
 
-def _control_term(hooks: TrainingHooks, run: Run, params: dict, n_control: int, batch: int,
+def _control_term(rec: Recording, run: Run, params: dict, n_control: int, batch: int,
                   generator: torch.Generator) -> torch.Tensor:
+    """Per layer, the mean over the real tokens of a control batch of ||steered - unsteered||^2, summed."""
     rows = torch.randperm(n_control, generator=generator)[:batch].tolist()
-    hooks.steer, hooks.record = False, "tokens"
+    rec.steer, rec.record = False, "tokens"
     with torch.no_grad():
         run("control", rows)
-    reference, valid = dict(hooks.outputs), hooks.valid
-    hooks.steer = True
+    reference = dict(rec.outputs)
+    rec.steer = True
     run("control", rows)
-    v = torch.ones(reference[next(iter(params))].shape[:2]) if valid is None else valid.float()
-    v = v.to(reference[next(iter(params))].device).unsqueeze(-1)
-    term = sum(((hooks.outputs[n] - reference[n]).pow(2) * v).sum() / v.sum().clamp_min(1) for n in params)
-    hooks.record = "pooled"
+    term = 0.0
+    for n in params:
+        ref, mask = reference[n], rec.masks[n]
+        v = torch.ones(ref.shape[:2], device=ref.device) if mask is None else mask.to(ref.device).float()
+        v = v.unsqueeze(-1)
+        term = term + ((rec.outputs[n] - ref).pow(2) * v).sum() / v.sum().clamp_min(1)
+    rec.record = "pooled"
     return term
 
 

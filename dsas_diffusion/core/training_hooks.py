@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import Gating, LayerKind
 from .gate import activate
-from .hooks import HookSet, PreForward, as_tokens, masked_mean
+from .hooks import HookSet, PreForward, as_tokens, masked_mean, steered_positions
 from .maps import SteeringMap
 
 
@@ -58,21 +58,34 @@ def first_token_mask(valid: torch.Tensor | None, b: int, k: int, device) -> torc
     return (seen == 0) | ((seen == 1) & (v > 0))
 
 
-class TrainingHooks(HookSet):
-    """Hooks steering `names` of `root` with `params[name]`. `steer=False` leaves outputs as they are
-    (the unsteered reference); `record` chooses what each forward keeps per layer: `pooled`, the
-    mask-aware mean over positions (B, D), or `tokens`, the outputs (B, K, D) with the valid mask."""
+class Recording:
+    """What the training hooks of every steered component do in the current forward and what they
+    kept, shared by the hook sets of several components (a pipeline's text encoders). `steer=False`
+    leaves outputs as they are (the unsteered reference); `record` chooses what each forward keeps
+    per layer in `outputs`: `pooled`, the mask-aware mean over positions (B, D), or `tokens`, the
+    outputs (B, K, D), with the mask (B, K) of the positions read in `masks` (None: all). Both read
+    the positions run time steers (core/hooks.py `steered_positions`), as fitting does."""
 
-    def __init__(self, root: nn.Module, names: dict[str, str], params: dict[str, LayerParameters], *,
-                 gating: Gating, kinds: dict[str, LayerKind], activation: str, skip_first_token: bool,
-                 pre_forward: PreForward | None = None, what: str = "model"):
-        super().__init__(root, list(names.values()), pre_forward, what)
-        self.full = {local: full for full, local in names.items()}
-        self.params, self.gating, self.kinds = params, gating, kinds
-        self.activation, self.skip_first_token = activation, skip_first_token
+    def __init__(self):
         self.steer = True
         self.record = "pooled"
         self.outputs: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor | None] = {}
+
+
+class TrainingHooks(HookSet):
+    """Hooks steering `names` ({full layer name: module name in `root`}) of `root` with
+    `params[full name]`, doing and keeping what `recording` says."""
+
+    first = True  # before any other forward hook, as at run time (see HookSet.first)
+
+    def __init__(self, root: nn.Module, names: dict[str, str], params: dict[str, LayerParameters], *,
+                 recording: Recording, gating: Gating, kinds: dict[str, LayerKind], activation: str,
+                 skip_first_token: bool, pre_forward: PreForward | None = None, what: str = "model"):
+        super().__init__(root, list(names.values()), pre_forward, what)
+        self.full = {local: full for full, local in names.items()}
+        self.params, self.recording, self.gating, self.kinds = params, recording, gating, kinds
+        self.activation, self.skip_first_token = activation, skip_first_token
         self._attach()
 
     def lambdas(self, layer: LayerParameters, tokens: torch.Tensor, kind: LayerKind) -> torch.Tensor:
@@ -81,20 +94,25 @@ class TrainingHooks(HookSet):
         if not layer.gated:
             return tokens.new_ones(b, k, 1)
         proj = tokens @ layer.gate_weight + layer.gate_bias
-        lam = activate(pooled_logits(proj, self.valid, self.gating, kind), self.activation)
-        if self.skip_first_token and kind != "spatial":
+        skip = self.skip_first_token and kind != "spatial"
+        counted = steered_positions(self.valid, b, k, tokens.device, skip)  # what run time's means count
+        lam = activate(pooled_logits(proj, counted, self.gating, kind), self.activation)
+        if skip:
             lam = lam.masked_fill(first_token_mask(self.valid, b, k, tokens.device), 0.0)
         return lam.unsqueeze(-1)
 
     def _on_output(self, name, x):
-        full = self.full[name]
+        full, rec = self.full[name], self.recording
         tokens, restore = as_tokens(x)
         out = tokens.float()
-        if self.steer:
+        if rec.steer:
             layer = self.params[full]
             out = out + self.lambdas(layer, out, self.kinds[full]) * layer.delta(out)
-        if self.record == "pooled":
-            self.outputs[full] = masked_mean(out, self.valid)
+        # the positions fitting reads: those run time steers (the first token excluded where it is skipped)
+        read = steered_positions(self.valid, *out.shape[:2], out.device,
+                                 self.skip_first_token and self.kinds[full] != "spatial")
+        if rec.record == "pooled":
+            rec.outputs[full] = masked_mean(out, read)
         else:
-            self.outputs[full] = out
-        return restore(out.to(x.dtype)) if self.steer else None
+            rec.outputs[full], rec.masks[full] = out, read
+        return restore(out.to(x.dtype)) if rec.steer else None

@@ -2,7 +2,9 @@
 
 1. Text encoders: every prompt is encoded by the pipeline's own `encode_prompt` (so each encoder
    reads the tokens, lengths and masks the pipeline gives it); the pooled activations of every
-   layer (padding excluded) -> maps and gates.
+   layer (padding excluded) -> maps and gates. Steering learned through the model (LinEAS maps,
+   end-to-end gates) is then trained on all text encoders jointly (core/learned.py), its loss on
+   their own layers' activations, by running `encode_prompt` with gradients.
 2. Denoiser: the stock pipeline is run for every prompt with the text encoder steering of step 1
    applied through `apply_dsas`'s integration (source and control; target runs unsteered), and the
    spatial mean of each layer's image stream over the positive branch of guidance (read from the
@@ -13,6 +15,13 @@
 Any steering already applied to the pipeline is switched off while fitting, and the pipeline runs
 through its stock class's `__call__`, with nothing a stock `__call__` would silently swallow: a
 stock pipeline and its named counterpart fit the same steering.
+
+Learned steering stays in the text encoders [choice, counted]: learning the denoiser's maps would
+backpropagate through the denoising loop, or at least through steps run on latents recorded without
+the steering (not what they meet at run time). One learning step of 20 prompts through SD 1.5's
+UNet for a single denoising step (512 px, CFG) is 96 TFLOP forward and backward, 121x the 0.80 TFLOP
+of its text encoder, and every recorded step multiplies it (`python -m benchmarks.toy_learned_t2i
+--denoiser-cost`). The denoiser is steered with closed-form maps and two-stage gates only.
 """
 
 from __future__ import annotations
@@ -31,7 +40,10 @@ from ..core.fit import require_steered_layers
 from ..core.fingerprint import fingerprint
 from ..core.fit_inputs import (check_fit_options, check_gate_sets, choice, flag, layer_pattern, method_name,
                                positive_int, real_number, seed_int)
+from ..core.learned import train_steering, training_options
+from ..core.maps import map_class
 from ..core.modules import check_weights_loaded
+from ..core.registry import gate_kinds
 from .families import TEXT_ENCODER_LAYERS, Family, family_of
 from .integration import applied_to, attach_to_pipeline, following_calls
 from .padding import eos_token_id, padding_mask
@@ -39,7 +51,7 @@ from .padding import eos_token_id, padding_mask
 # fit_pipeline_steering's own arguments, named when an unknown keyword is refused
 _ARGUMENTS = ("steer", "text_encoder_layers", "denoiser_layers", "unet_layers", "transformer_layers",
               "num_inference_steps", "guidance_scale", "height", "width", "batch_size", "seed", "progress", "state",
-              "pipeline_kwargs", "gate_source", "gate_control")
+              "pipeline_kwargs", "gate_source", "gate_control", "gates", "training")
 
 
 def check_pipeline(pipe, family: Family, stages: set[str]) -> None:
@@ -151,14 +163,15 @@ def _take(cap: ActivationCapture) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def collect_text_encoders(pipe, family: Family, prompts: Sequence[str], names: dict[str, list[str]],
                           batch_size: int, desc: str, progress: bool = True, state=None,
-                          options: dict | None = None) -> dict[str, torch.Tensor]:
-    """{full layer name: (prompts, D)} over every text encoder in `names`, from the pipeline's own encoding."""
+                          options: dict | None = None, skip_first: bool = True) -> dict[str, torch.Tensor]:
+    """{full layer name: (prompts, D)} over every text encoder in `names`, from the pipeline's own encoding,
+    over the positions run time steers (`skip_first`: the steering's skip_first_token, for encoders with a BOS)."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
     results = []
     with ExitStack() as stack:
         caps = {te: stack.enter_context(ActivationCapture(
             getattr(pipe, te), layers, what=te,
-            pre_forward=padding_mask(eos_token_id(getattr(pipe, family.tokenizer_of(te), None), getattr(pipe, te)))))
+            pre_forward=_padding(pipe, family, te), skip_first=family.skip_first_token(te, skip_first)))
             for te, layers in names.items()}
         for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
             family.encode(pipe, batch, device, options or {})
@@ -175,7 +188,8 @@ def collect_denoiser(pipe, family: Family, prompts, names, *, steering, batch_si
     denoiser = getattr(pipe, family.denoiser)
     stock_call = _stock_class(pipe, family).__call__
     elements = {n: family.element(denoiser.get_submodule(n)) for n in names}
-    with ActivationCapture(denoiser, names, what=family.denoiser, elements=elements) as cap, _quiet(pipe), \
+    with ActivationCapture(denoiser, names, what=family.denoiser, elements=elements, skip_first=False) as cap, \
+            _quiet(pipe), \
             following_calls(pipe, capture=cap), _steered(pipe, steering):
         for start, batch in tqdm(_batches(prompts, batch_size, state), desc=desc, leave=False, disable=not progress):
             n = len(batch)
@@ -196,7 +210,7 @@ def fit_pipeline_steering(
     control: Sequence[str],
     method: str = "linear_act",
     *,
-    steer: str = "both",
+    steer: str | None = None,
     text_encoder_layers: str | None = TEXT_ENCODER_LAYERS,
     denoiser_layers: str | None = None,
     num_inference_steps: int = 10,
@@ -210,11 +224,14 @@ def fit_pipeline_steering(
     pipeline_kwargs: dict | None = None,
     gate_source: Sequence[str] | None = None,
     gate_control: Sequence[str] | None = None,
+    gates: str = "two_stage",
+    training: dict | None = None,
     **config_options,
 ) -> Steering:
     """Fit on a stock or named pipeline of any supported family (`dsas_diffusion.diffusion.FAMILIES`).
 
-    steer: "both", "text_encoder" (every text encoder) or the denoiser ("unet", "transformer", or
+    steer: "both" (the default for closed-form steering), "text_encoder" (every text encoder; the
+    default, and the only place, for learned steering) or the denoiser ("unet", "transformer", or
     "denoiser" for either). `text_encoder_layers` / `denoiser_layers` (also spelt after the
     denoiser, `unet_layers` / `transformer_layers`): regular expressions over a component's module
     names (None: the family's default). guidance_scale: None keeps the pipeline's default.
@@ -224,14 +241,35 @@ def fit_pipeline_steering(
     activations, bit-identical to one process. Prompts the tokenizer cannot tell apart are dropped
     as duplicates, with a warning. `gate_source` / `gate_control`: fit the gates on these prompts
     instead (a conditional steering: the map of one concept applied where the gate of another fires,
-    the paper's "blur only where there is a banana"); either defaults to source / control."""
+    the paper's "blur only where there is a banana"); either defaults to source / control.
+
+    Learned through the text encoders, all of them jointly (SDXL's two CLIPs, SD3's three encoders,
+    FLUX's CLIP and T5), the loss on their layers' activations (core/learned.py):
+    - `method="lineas"`: per-unit affine maps at every layer; with the default two-stage gates this
+      is LinEAS + DSAS, and applied with `gated=False` plain LinEAS.
+    - `gates="e2e"`: the gates learned with the maps (or alone, for a closed-form map), starting from
+      the two-stage ones; `gate_activation="relu"` learns ReLU gates.
+    - `training`: options of the learning (`core.learned.TrainingOptions`: steps, lr, batch_size,
+      control_weight, sparsity, patience, min_improvement), e.g. `training={"steps": 200}`."""
     # 1. inputs, before any model runs
     family = family_of(pipe)
     denoiser = family.denoiser
-    steer = choice("steer", steer, ("both", "text_encoder", "denoiser", denoiser))
+    method = method_name(method)
+    gates = choice("gates", gates, gate_kinds())
+    learned = map_class(method).learned or gates == "e2e"
+    steer = choice("steer", ("text_encoder" if learned else "both") if steer is None else steer,
+                   ("both", "text_encoder", "denoiser", denoiser))
     stages = {"text_encoder", "denoiser"} if steer == "both" else {"text_encoder" if steer == "text_encoder"
                                                                     else "denoiser"}
-    method = method_name(method)
+    if learned and "denoiser" in stages:
+        raise ValueError(f"method={method!r} with gates={gates!r} is learned through the text encoders only (learning "
+                         f"the {denoiser}'s would backpropagate through the denoising loop); pass "
+                         "steer='text_encoder' (the default for learned steering), or a closed-form method with "
+                         "two-stage gates to steer the denoiser")
+    if training is not None and not learned:
+        raise ValueError(f"training options apply to what is learned through the model (method='lineas' or "
+                         f"gates='e2e'); method={method!r} with gates={gates!r} learns nothing: drop training=")
+    options = training_options(training)
     spelt = "denoiser_layers"
     if f"{denoiser}_layers" in config_options:
         if denoiser_layers is not None:
@@ -262,7 +300,7 @@ def fit_pipeline_steering(
     source, target, control = check_example_sets(source, target, control, pca_rank=pca_rank, key=key, stacklevel=3)
     sets = {"source": source, "target": target, "control": control}
     if gate_source is not None or gate_control is not None:
-        if config_options.get("gates") == "e2e":
+        if gates == "e2e":
             raise ValueError("gate_source / gate_control give two-stage gates of another concept; end-to-end gates "
                              "learn from source, target and control alone. Pass gates='two_stage' for a conditional "
                              "steering, or drop gate_source / gate_control")
@@ -275,17 +313,25 @@ def fit_pipeline_steering(
     denoiser_names = find_modules(getattr(pipe, denoiser), denoiser_layers, denoiser, spelt) \
         if "denoiser" in stages else []
     config = SteeringConfig(method=method, seed=seed, base_model=str(getattr(pipe, "name_or_path", None) or "") or None,
-                            num_examples={label: len(prompts) for label, prompts in sets.items()}, **config_options)
+                            gates=gates, num_examples={label: len(prompts) for label, prompts in sets.items()},
+                            **config_options)
     parts: list[Steering] = []
 
     with _all_off(pipe):
-        # 2. the text encoders
+        # 2. the text encoders, all at once (and, for learned steering, trained jointly through them)
         if te_names:
             acts = {label: collect_text_encoders(pipe, family, prompts, te_names, batch_size, f"text encoders: {label}",
-                                                 progress, state, pipeline_kwargs) for label, prompts in sets.items()}
-            for te in te_names:
-                own = {label: {k: v for k, v in a.items() if k.startswith(f"{te}.")} for label, a in acts.items()}
-                parts.append(_fit_component(pipe, te, own, config, text_encoder_layers, "tokens", progress))
+                                                 progress, state, pipeline_kwargs, config.skip_first_token)
+                    for label, prompts in sets.items()}
+
+            def learn(steering: Steering) -> Steering:
+                if gates != "e2e":  # two-stage gates: nothing to steer is known before learning
+                    require_steered_layers(steering)
+                return _learn_in_text_encoders(pipe, family, steering, sets, acts["target"], options, pipeline_kwargs,
+                                               progress)
+
+            parts.append(_fit_components(pipe, list(te_names), acts, config, text_encoder_layers, "tokens", progress,
+                                         refine=learn if learned else None))
 
         # 3. the denoiser, on what the steered text encoders give it (the target prompts run unsteered)
         if denoiser_names:
@@ -302,11 +348,36 @@ def fit_pipeline_steering(
             gated = ("gate_source", "gate_control") if "gate_source" in sets else ("source", "control")
             module = getattr(pipe, denoiser)
             elements = {f"{denoiser}.{n}": family.element(module.get_submodule(n)) for n in denoiser_names}
-            parts.append(_fit_component(pipe, denoiser, acts, config, denoiser_layers, "spatial", progress,
-                                        source_groups=groups[gated[0]], control_groups=groups[gated[1]],
-                                        elements=elements, require_steered=stages == {"denoiser"}))
+            parts.append(_fit_components(pipe, [denoiser], acts, config, denoiser_layers, "spatial", progress,
+                                         source_groups=groups[gated[0]], control_groups=groups[gated[1]],
+                                         elements=elements, require_steered=stages == {"denoiser"}))
 
     return _merge(parts, config)
+
+
+def _learn_in_text_encoders(pipe, family: Family, steering: Steering, sets: dict[str, list[str]],
+                            target: dict[str, torch.Tensor], options, pipeline_kwargs: dict,
+                            progress: bool) -> Steering:
+    """`steering` trained through every text encoder it steers at once, by running the pipeline's own
+    `encode_prompt` with gradients on batches of the fitting prompts (core/learned.py)."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    encoders = {te: getattr(pipe, te) for te in steering.config.targets}
+    on_device = {n: a.to(next(encoders[n.split(".", 1)[0]].parameters()).device) for n, a in target.items()}
+
+    def run(label: str, rows) -> None:
+        family.encode(pipe, [sets[label][i] for i in rows], device, pipeline_kwargs)
+
+    trained, _ = train_steering(
+        steering, encoders, run, {"source": len(sets["source"]), "control": len(sets["control"])}, on_device, options,
+        pre_forward={te: _padding(pipe, family, te) for te in encoders},
+        skip_first_token={te: family.skip_first_token(te, steering.config.skip_first_token) for te in encoders},
+        progress=progress)
+    return trained
+
+
+def _padding(pipe, family: Family, te: str):
+    """A text encoder's pre_forward marking its real tokens."""
+    return padding_mask(eos_token_id(getattr(pipe, family.tokenizer_of(te), None), getattr(pipe, te)))
 
 
 def _text_encoder_layers(pipe, family: Family, pattern: str) -> dict[str, list[str]]:
@@ -325,24 +396,27 @@ def _text_encoder_layers(pipe, family: Family, pattern: str) -> dict[str, list[s
     return names
 
 
-def _fit_component(pipe, component, acts, config, pattern, kind, progress, require_steered=False, **extra):
-    """`acts`: {set label: {layer: (examples, D)}}, gate sets included when given."""
-    info, probe = fingerprint(getattr(pipe, component))
-    cfg = replace(config, fingerprint={component: info}, targets={component: pattern}, layers={})
+def _fit_components(pipe, components: list[str], acts, config, pattern, kind, progress, require_steered=False,
+                    **extra):
+    """`acts`: {set label: {layer: (examples, D)}} over the layers of `components`, gate sets included when given."""
+    info = {c: fingerprint(getattr(pipe, c)) for c in components}
+    cfg = replace(config, fingerprint={c: i for c, (i, _) in info.items()}, targets={c: pattern for c in components},
+                  layers={})
     return fit_from_activations(acts["source"], acts["target"], acts["control"], cfg,
-                                kinds={k: kind for k in acts["source"]}, probes={component: probe},
+                                kinds={k: kind for k in acts["source"]}, probes={c: p for c, (_, p) in info.items()},
                                 gate_source=acts.get("gate_source"), gate_control=acts.get("gate_control"),
                                 require_steered=require_steered, progress=progress, **extra)
 
 
 def _merge(parts: list[Steering], config: SteeringConfig, require: bool = True) -> Steering:
     maps, gates, probes = {}, {}, {}
-    config = replace(config, fingerprint={}, targets={}, layers={})
+    config = replace(config, fingerprint={}, targets={}, layers={}, training={})
     for p in parts:
         maps.update(p.maps), gates.update(p.gates), probes.update(p.probes)
         config.fingerprint.update(p.config.fingerprint)
         config.targets.update(p.config.targets)
         config.layers.update(p.config.layers)
+        config.training.update(p.config.training)  # how the text encoders' steering was learned, if it was
     steering = Steering(config, maps, gates, probes)
     return require_steered_layers(steering) if require else steering
 

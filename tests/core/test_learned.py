@@ -210,6 +210,7 @@ def test_learning_is_deterministic_with_a_seed_and_stops_when_the_loss_stalls():
 @pytest.mark.parametrize("gating", ["token", "causal", "sequence"])
 def test_training_lambdas_are_the_run_time_lambdas_at_every_real_token(gating):
     """What is learned is what runs: the training hooks' lambdas (sigmoid) equal core/runtime.py's."""
+    from dsas_diffusion.core.hooks import steered_positions
     from dsas_diffusion.core.runtime import gate_lambdas
     from dsas_diffusion.core.training_hooks import first_token_mask, pooled_logits
 
@@ -217,6 +218,7 @@ def test_training_lambdas_are_the_run_time_lambdas_at_every_real_token(gating):
     proj = torch.randn(3, 6, generator=g) * 3
     valid = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
     run_time, _ = gate_lambdas(proj, gating=gating, valid=valid, skip_first=True)
-    training = activate(pooled_logits(proj, valid, gating, "tokens"), "sigmoid").masked_fill(
+    counted = steered_positions(valid, 3, 6, "cpu", True)  # the first token is neither steered nor counted
+    training = activate(pooled_logits(proj, counted, gating, "tokens"), "sigmoid").masked_fill(
         first_token_mask(valid, 3, 6, "cpu"), 0.0)
     torch.testing.assert_close(training[valid], run_time[valid])
