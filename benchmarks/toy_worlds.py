@@ -352,6 +352,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
     from dsas_diffusion.core.io import atomic_path
+    from dsas_diffusion.eval.pareto import place_labels
 
     rows = [r for r in rows if r["alpha"] is not None]
     settings = sorted({(_world(r), r["concept"], r["method"], r["place"]) for r in rows})
@@ -359,7 +360,9 @@ def plot(rows: list[dict], path: Path) -> None:
     nrows = (len(settings) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    labels = []  # per axes: (x, y, alpha, colour), placed once every axes is drawn
     for ax, setting in zip(axes, settings):
+        items = []
         modes = sorted({r["mode"] for r in rows if (_world(r), r["concept"], r["method"], r["place"]) == setting})
         for mode, colour in zip(sorted(modes, key=lambda m: (m != "plain", m)), ("tab:red", "tab:blue", "tab:green")):
             pts = sorted((r for r in rows if (_world(r), r["concept"], r["method"], r["place"]) == setting
@@ -367,16 +370,17 @@ def plot(rows: list[dict], path: Path) -> None:
             x = [r["control_drift"] for r in pts]
             y = [r["concept_rate"] for r in pts]
             ax.plot(x, y, "o-", color=colour, label="plain steering" if mode == "plain" else mode.replace("dsas", "DSAS"))
-            for r in pts:
-                ax.annotate(f"{r['alpha']:g}", (r["control_drift"], r["concept_rate"]), fontsize=6,
-                            xytext=(2, 2), textcoords="offset points")
+            items += [(r["control_drift"], r["concept_rate"], f"{r['alpha']:g}", colour) for r in pts]
         ax.set_title(" / ".join(setting), fontsize=8)
         ax.set_xlabel(DRIFT_LABELS[setting[0].split(" (")[0]], fontsize=7)
         ax.set_ylabel("concept rate on held-out source prompts", fontsize=7)
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=6)
+        labels.append((ax, items))
     for ax in axes[len(settings):]:
         ax.axis("off")
+    for ax, items in labels:
+        place_labels(ax, items, fontsize=6)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
 
