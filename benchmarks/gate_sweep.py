@@ -20,14 +20,12 @@ steered and how much, so one fit per (pca_rank, cv_folds) serves every threshold
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 from dataclasses import replace
 
 import torch
 
-from benchmarks.toy_worlds import ASSETS, RESULTS, DRIFT_LABELS
+from benchmarks.toy_worlds import ASSETS, DRIFT_LABELS, write_results
 
 DEFAULT = dict(pca_rank=5, cv_folds=0, accuracy_threshold=0.75, accuracy_scaling=False)
 
@@ -221,21 +219,8 @@ def main(argv=None):
     # the toy LM's mean shift leaves 0.85 of the source continuations insulting at alpha 4 (--quick run)
     args.lm_alphas = [1.0, 2.0, 4.0] if args.quick else [4.0, 8.0, 16.0]
     rows = (lm_rows(args) if "lm" in args.worlds else []) + (t2i_rows(args) if "t2i" in args.worlds else [])
-    from dsas_diffusion.core.io import write_text_atomic
-
-    RESULTS.mkdir(exist_ok=True)
     name = "gate_sweep" + ("_quick" if args.quick else "")
-    if (RESULTS / f"{name}.json").exists():  # the rows of the worlds not run this time are kept
-        rows = [r for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]
-                if r["world"] not in args.worlds] + rows
-    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-    write_text_atomic(RESULTS / f"{name}.json", json.dumps({"settings": vars(args), "rows": clean}, indent=2,
-                                                          allow_nan=False) + "\n")
-    md = table(rows)
-    write_text_atomic(RESULTS / f"{name}.md", md + "\n")
-    plot(rows, RESULTS / f"{name}.png")
-    print(md)
-    print(f"wrote {RESULTS / name}.json / .md / .png")
+    write_results(name, rows, table, plot, worlds=args.worlds, settings=vars(args))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ meta device: nothing downloaded or computed), the cost that keeps learned steeri
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.toy_worlds import table
+from benchmarks.toy_worlds import table, write_results
 
 RESULTS = Path(__file__).parent / "results"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -145,7 +143,6 @@ def denoiser_cost(batch: int = 20) -> dict:
 
 def main(argv=None):
     from dsas_diffusion.cli import arguments as types
-    from dsas_diffusion.core.io import write_text_atomic
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -172,16 +169,8 @@ def main(argv=None):
     args.concepts = [("red", "green")] if args.quick else [("red", "green"), ("circle", "square")]
     rows, unsteered = sweep(args)
 
-    RESULTS.mkdir(exist_ok=True)
     name = "toy_learned_t2i" + ("_quick" if args.quick else "")
-    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-    result = {"settings": vars(args), "unsteered": unsteered, "rows": clean}
-    write_text_atomic(RESULTS / f"{name}.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
-    md = table(rows)
-    write_text_atomic(RESULTS / f"{name}.md", md + "\n")
-    plot(rows, RESULTS / f"{name}.png")
-    print(md)
-    print(f"wrote {RESULTS / name}.json / .md / .png")
+    write_results(name, rows, table, plot, settings=vars(args), unsteered=unsteered)
 
 
 if __name__ == "__main__":

@@ -345,6 +345,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(name: str, rows: list[dict], table, plot, *, worlds=None, **extra) -> None:
+    """`name`.json (NaN as null; `extra` fields first), .md (`table(rows)`) and .png (`plot`) in
+    benchmarks/results. With `worlds`, the rows of other worlds already in the file are kept, so a
+    run of one world does not erase another's."""
+    from dsas_diffusion.core.io import write_text_atomic
+
+    RESULTS.mkdir(exist_ok=True)
+    if worlds is not None and (RESULTS / f"{name}.json").exists():
+        rows = [r for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"] if r["world"] not in worlds] + rows
+    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    write_text_atomic(RESULTS / f"{name}.json", json.dumps({**extra, "rows": clean}, indent=2, allow_nan=False) + "\n")
+    md = table(rows)
+    write_text_atomic(RESULTS / f"{name}.md", md + "\n")
+    plot(rows, RESULTS / f"{name}.png")
+    print(md)
+    print(f"wrote {RESULTS / name}.json / .md / .png")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -462,16 +480,8 @@ def main(argv=None):
         rows, name = t2i_sweep(args), "toy_t2i_pareto"
     else:
         rows, name = t2i_sweep(args) + lm_sweep(args), "toy_pareto"
-    RESULTS.mkdir(exist_ok=True)
     name += "_quick" if args.quick else ""
-    clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-    write_text_atomic(RESULTS / f"{name}.json", json.dumps({"settings": vars(args), "rows": clean}, indent=2,
-                                                          allow_nan=False) + "\n")
-    md = table(rows)
-    write_text_atomic(RESULTS / f"{name}.md", md + "\n")
-    plot(rows, RESULTS / f"{name}.png")
-    print(md)
-    print(f"wrote {RESULTS / name}.json / .md / .png")
+    write_results(name, rows, table, plot, settings=vars(args))
 
 
 if __name__ == "__main__":
