@@ -28,6 +28,7 @@ TASKS = ("toxicity", "topic")
 ALPHAS = {"mean_shift": {"plain": [0.1, 0.25, 0.5], "dsas": [1.0, 2.0, 4.0]},
           "iti": {"plain": [0.25, 0.5, 1.0], "dsas": [2.0, 4.0, 8.0]},
           "linear_act": {"plain": [0.1, 0.25, 0.5], "dsas": [1.0, 2.0, 4.0]},
+          "mean_shift, continuations 32, floor 0.9": {"plain": [0.1, 0.25, 0.5], "dsas": [1.0, 2.0, 4.0]},
           "lineas": {"plain": [1.0], "dsas": [1.0]},
           "lineas, e2e sigmoid": {"dsas": [1.0]},
           "lineas, e2e relu": {"dsas": [1.0]}}

@@ -28,6 +28,9 @@ SETTINGS = {
     "mean_shift": (dict(method="mean_shift"), ("plain", "dsas")),
     "iti": (dict(method="iti"), ("plain", "dsas")),
     "linear_act": (dict(method="linear_act"), ("plain", "dsas")),
+    # the options that met issue 12's goal here (README): fit on the model's own continuations, floor 0.9
+    "mean_shift, continuations 32, floor 0.9": (dict(method="mean_shift", continuations=32, lambda_floor=0.9),
+                                                ("plain", "dsas")),
     "lineas": (dict(method="lineas"), ("plain", "dsas")),  # plain LinEAS, and LinEAS + DSAS
     "lineas, e2e sigmoid": (dict(method="lineas", gates="e2e"), ("dsas",)),
     "lineas, e2e relu": (dict(method="lineas", gates="e2e", gate_activation="relu"), ("dsas",)),
