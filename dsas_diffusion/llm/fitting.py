@@ -36,7 +36,8 @@ from .targets import resolve_layers
 
 GATE_STEP = 4  # read_positions: one gate row every GATE_STEP positions [measured on SmolLM2: 2 did no better]
 # SteeringConfig fields whose language-model default differs from the config's (see fit_steering)
-LM_DEFAULTS = {"gating": "causal", "pca_rank": 16}
+LM_DEFAULTS = {"gating": "causal", "pca_rank": 16, "lambda_floor": 0.9}
+LM_CONTINUATIONS = 32  # fit_steering(continuations=) default [measured: see fit_steering]
 
 
 def context_length(model: nn.Module) -> tuple[int | None, str]:
@@ -96,21 +97,6 @@ def _eval_mode(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
-
-
-@contextmanager
-def _frozen(model: nn.Module):
-    """The model's own parameters out of autograd while steering is learned through it (only the
-    steering's tensors are trained; the graph then keeps nothing for the weights' gradients);
-    restored afterwards."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -214,7 +200,7 @@ def fit_steering(
     training: dict | None = None,
     incremental: bool = False,
     layers: str | None = None,
-    continuations: int = 0,
+    continuations: int = LM_CONTINUATIONS,
     batch_size: int = 8,
     progress: bool = True,
     **config_options,
@@ -230,10 +216,19 @@ def fit_steering(
     SmolLM2-135M the top 5 principal components of sentence means hold the sentence frames, not the
     topic: 1 of 30 layers' gates passed at rank 5; in the toy world rank 16 removed the concept from
     every held-out source prompt at alpha 4, rank 5 left 19 %). Under causal gating the gates are
-    fitted on what run time reads (`read_positions`). On a real model pass `continuations=32,
-    lambda_floor=0.9` too: on SmolLM2's topic task they left 75 % of held-out control continuations
-    exactly unchanged at full removal (alpha 2), where plain mean shift changed every one, and 0 %
-    without them (benchmarks/results/real_lm_defaults.md).
+    fitted on what run time reads (`read_positions`). Two more defaults make DSAS spare controls on a
+    real model: `lambda_floor=0.9` (lambdas below it snap to 0 at run time, so a control the gate is
+    unsure of is left exactly as it was) and `continuations=32` (below). Measured on SmolLM2-135M's
+    held-out prompts, with neither no control continuation was left unchanged at concept rate <= 10 %
+    (toxicity and topic tasks, benchmarks/results/real_lm.md), nor with the floor alone (topic,
+    real_lm_defaults.md); with both, 88 % at concept rate 6 % (topic, alpha 1) and 84 % at 9 %
+    (toxicity, alpha 2), where plain mean shift at full removal changed every one
+    (real_lm_recommended.md). In the toy language world, where DSAS spares every control without the
+    floor, the floor costs removal and answer quality at a given alpha, never a control: mean shift at
+    alpha 3 removed every insult with 96 % polite answers at floor 0; at floor 0.9 the best was 8 %
+    insults with 52 % polite (alpha 3.5; benchmarks/results/toy_lm_defaults.md).
+    End-to-end gates (`gates="e2e"`) keep floor 0: they are learned without one. The old behaviour:
+    `continuations=0, lambda_floor=0.0`.
     Texts that tokenize alike are dropped as duplicates (with a warning) before the held-out split,
     and a text in both source and control is refused. Every argument is checked before the model runs.
     Attach the result with `dsas_diffusion.llm.attach(steering, model)`.
@@ -247,7 +242,7 @@ def fit_steering(
       the map of source -> target applied where the gate of another concept fires).
     - `training`: options of the learning (`core.learned.TrainingOptions`: steps, lr, batch_size,
       control_weight, sparsity, patience, min_improvement), e.g. `training={"steps": 200}`.
-    - `continuations=N` (0: the texts alone): fit on each text followed by the unsteered model's own
+    - `continuations=N` (default 32; 0: the texts alone): fit on each text followed by the unsteered model's own
       greedy continuation of up to N tokens (`continued`), so the maps and gates see the activations
       of a generation, where a causal gate's running mean drifts from the prompt's. It costs one
       generation of every fitting text.
@@ -261,8 +256,9 @@ def fit_steering(
     config_options = check_fit_options(config_options, "fit_steering", ("gates", "gate_source", "gate_control",
                                                                          "training", "incremental", "layers",
                                                                          "continuations", "batch_size", "progress"))
-    config_options = {**LM_DEFAULTS, **config_options}
     gates = choice("gates", gates, gate_kinds())
+    # the floor is a two-stage default: end-to-end gates are learned without it
+    config_options = {**LM_DEFAULTS, **({"lambda_floor": 0.0} if gates == "e2e" else {}), **config_options}
     learned = map_class(method).learned or gates == "e2e"
     if training is not None and not learned:
         raise ValueError(f"training options apply to what is learned through the model (method='lineas' or "
@@ -345,10 +341,10 @@ def fit_steering(
                                            acts["target"], batch_size, progress)
         if learned:
             target = {n: a.to(_device(model)) for n, a in acts["target"].items()}
-            with _eval_mode(model), _frozen(model), torch.enable_grad():
-                steering, _ = train_steering(steering, model, _runner(model, encoded, tokenizer.pad_token_id),
-                                             {"source": len(source), "control": len(control)}, target, options,
-                                             pre_forward=causal_lm_pre_forward(model), progress=progress)
+            # train_steering freezes the weights, turns dropout off and enables autograd itself
+            steering, _ = train_steering(steering, model, _runner(model, encoded, tokenizer.pad_token_id),
+                                         {"source": len(source), "control": len(control)}, target, options,
+                                         pre_forward=causal_lm_pre_forward(model), progress=progress)
         return steering
 
     return fit_from_activations(acts["source"], acts["target"], acts["control"], config, probes={"": probe},

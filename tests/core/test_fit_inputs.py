@@ -16,7 +16,7 @@ from dsas_diffusion import SteeringConfig
 from dsas_diffusion.core import ActivationCapture, fit_from_activations
 from dsas_diffusion.llm import attach, fit_steering
 from tests.conftest import CONCEPT_CONTROL, CONCEPT_SOURCE, CONCEPT_TARGET
-from tests.llm.tiny_lms import CONTROL, SOURCE, TARGET, fitted, make_model, make_tokenizer, right_padded
+from tests.llm.tiny_lms import CONTROL, SOURCE, TARGET, TINY_FIT, fitted, make_model, make_tokenizer, right_padded
 
 
 def _model_runs(*modules: nn.Module) -> list:
@@ -27,7 +27,7 @@ def _model_runs(*modules: nn.Module) -> list:
 
 
 def _lm_fit(model=None, **kwargs):
-    args = dict(source=SOURCE, target=TARGET, control=CONTROL, pca_rank=10, progress=False)
+    args = dict(source=SOURCE, target=TARGET, control=CONTROL, **TINY_FIT)
     args.update(kwargs)
     return fit_steering(model if model is not None else make_model("gpt2"), make_tokenizer(), **args)
 

@@ -9,7 +9,7 @@ from dsas_diffusion.core import fit_gate
 from dsas_diffusion.llm import fit_steering
 from dsas_diffusion.llm.fitting import collect_activations, continued, read_positions
 from dsas_diffusion.llm.targets import resolve_layers
-from tests.llm.tiny_lms import CONTROL, PAD, SOURCE, TARGET, make_model, make_tokenizer
+from tests.llm.tiny_lms import CONTROL, PAD, SOURCE, TARGET, TINY_FIT, make_model, make_tokenizer
 
 
 
@@ -26,22 +26,21 @@ def test_each_text_is_followed_by_its_own_greedy_continuation_cut_at_the_end_tok
 
 
 def test_continuations_change_the_fit_and_bad_values_are_refused_before_the_model_runs():
-    args = dict(tokenizer=make_tokenizer(), source=SOURCE, target=TARGET, control=CONTROL, pca_rank=10,
-                progress=False)
-    plain = fit_steering(make_model("llama"), continuations=0, **args)
-    longer = fit_steering(make_model("llama"), continuations=4, **args)
+    args = dict(tokenizer=make_tokenizer(), source=SOURCE, target=TARGET, control=CONTROL, **TINY_FIT)
+    plain = fit_steering(make_model("llama"), **args)
+    longer = fit_steering(make_model("llama"), **{**args, "continuations": 4})
     assert plain.layers == longer.layers
     assert not torch.allclose(plain.maps[plain.layers[0]].shift, longer.maps[plain.layers[0]].shift)
     for bad, error in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
         with pytest.raises(error, match="continuations"):
-            fit_steering(make_model("llama"), continuations=bad, **args)
+            fit_steering(make_model("llama"), **{**args, "continuations": bad})
 
 
 def test_causal_gates_are_fitted_on_the_running_means_run_time_reads():
     """Source texts give the running means from their end on, control texts from their first steered token on,
     each prompt weighing the same: the gate equals fit_gate on exactly those rows."""
     model, tokenizer = make_model("llama"), make_tokenizer()
-    steering = fit_steering(model, tokenizer, SOURCE, TARGET, CONTROL, pca_rank=10, continuations=0, progress=False)
+    steering = fit_steering(model, tokenizer, SOURCE, TARGET, CONTROL, **TINY_FIT)
     _, names = resolve_layers(model)
     name = names[-1]
     ids = {label: tokenizer(texts)["input_ids"] for label, texts in (("source", SOURCE), ("control", CONTROL))}

@@ -9,7 +9,8 @@ from dsas_diffusion import Steering
 from dsas_diffusion.llm import fit_steering
 from dsas_diffusion.llm.fitting import collect_activations
 from dsas_diffusion.llm.targets import resolve_layers
-from tests.llm.tiny_lms import CONTEXT, CONTROL, PAD, SOURCE, TARGET, fitted, make_model, make_tokenizer, right_padded
+from tests.llm.tiny_lms import (CONTEXT, CONTROL, PAD, SOURCE, TARGET, TINY_FIT, fitted, make_model, make_tokenizer,
+                                right_padded)
 
 
 def test_fit_records_the_model_and_its_own_layer_names(family, model):
@@ -54,7 +55,7 @@ def test_fitting_turns_dropout_off_and_restores_every_flag():
 
 def _fit(**kwargs):
     args = dict(model=make_model("gpt2"), tokenizer=make_tokenizer(), source=SOURCE, target=TARGET, control=CONTROL,
-                pca_rank=10, progress=False)
+                **TINY_FIT)
     args.update(kwargs)
     return fit_steering(**args)
 

@@ -9,7 +9,8 @@ import torch
 
 from dsas_diffusion import Steering
 from dsas_diffusion.llm import attach, fit_steering
-from tests.llm.tiny_lms import CONTROL, PROMPTS, SOURCE, TARGET, generate, make_model, make_tokenizer, right_padded
+from tests.llm.tiny_lms import (CONTROL, PROMPTS, SOURCE, TARGET, TINY_FIT, generate, make_model, make_tokenizer,
+                                right_padded)
 
 pytest.importorskip("gguf", reason="writing and loading GGUF files needs the `gguf` package: pip install 'gguf>=0.10'")
 from tests.llm.gguf_files import write_llama_gguf  # noqa: E402
@@ -30,8 +31,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def steering(files):
-    """Fitted on the 4-bit file, as a user of a quantized checkpoint would (pca_rank=10: see tiny_lms.fitted)."""
-    return fit_steering(load(files["Q4_1"]), make_tokenizer(), SOURCE, TARGET, CONTROL, pca_rank=10, progress=False)
+    """Fitted on the 4-bit file, as a user of a quantized checkpoint would (options: see tiny_lms.TINY_FIT)."""
+    return fit_steering(load(files["Q4_1"]), make_tokenizer(), SOURCE, TARGET, CONTROL, **TINY_FIT)
 
 
 def test_the_written_file_loads_as_the_model_it_was_written_from(files):

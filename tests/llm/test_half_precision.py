@@ -10,8 +10,8 @@ import torch
 
 from dsas_diffusion.core import gate_lambdas
 from dsas_diffusion.llm import attach, fit_steering
-from tests.llm.tiny_lms import (CONTROL, HELD_OUT_CONTROL, HELD_OUT_SOURCE, PROMPTS, SOURCE, TARGET, generate,
-                                make_model, right_padded)
+from tests.llm.tiny_lms import (CONTROL, HELD_OUT_CONTROL, HELD_OUT_SOURCE, PROMPTS, SOURCE, TARGET, TINY_FIT,
+                                generate, make_model, right_padded)
 
 HELD_OUT = HELD_OUT_SOURCE + HELD_OUT_CONTROL
 # The largest |lambda(half model) - lambda(float32 model)| over real tokens of the held-out texts, on the four
@@ -92,7 +92,7 @@ def held_out_accuracy(steering, model, tokenizer) -> dict[str, float]:
 def test_fitting_on_a_half_precision_model_works_as_well_as_in_float32(family, dtype, steering, tokenizer):
     """Measured on the four families: the held-out accuracies of the two fits differ by at most 1 text in 32."""
     model = make_model(family).to(dtype)
-    half = fit_steering(model, tokenizer, SOURCE, TARGET, CONTROL, pca_rank=10, progress=False)
+    half = fit_steering(model, tokenizer, SOURCE, TARGET, CONTROL, **TINY_FIT)
     assert all(g.weight.dtype == torch.float32 for g in half.gates.values())
     expected = held_out_accuracy(steering, make_model(family), tokenizer)
     got = held_out_accuracy(half, model, tokenizer)

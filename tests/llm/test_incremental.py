@@ -11,12 +11,12 @@ import torch
 from dsas_diffusion import Steering
 from dsas_diffusion.llm import attach, fit_steering
 from dsas_diffusion.llm.fitting import collect_activations
-from tests.llm.tiny_lms import CONTROL, PAD, SOURCE, TARGET, make_model, make_tokenizer
+from tests.llm.tiny_lms import CONTROL, PAD, SOURCE, TARGET, TINY_FIT, make_model, make_tokenizer
 
 
 def fit(incremental: bool, **kwargs) -> Steering:
     return fit_steering(make_model("llama"), make_tokenizer(), SOURCE, TARGET, CONTROL, method="mean_shift",
-                        pca_rank=10, progress=False, incremental=incremental, **kwargs)
+                        incremental=incremental, **TINY_FIT, **kwargs)
 
 
 def mean_gap(steering: Steering) -> list[float]:

@@ -11,8 +11,8 @@ from dsas_diffusion import Steering
 from dsas_diffusion.core.learned import wasserstein
 from dsas_diffusion.llm import attach, fit_steering
 from dsas_diffusion.llm.fitting import collect_activations
-from tests.llm.tiny_lms import (_PAIRS, CONTROL, PAD, PROMPTS, SOURCE, TARGET, THINGS, make_model, make_tokenizer,
-                                right_padded, sentences)
+from tests.llm.tiny_lms import (_PAIRS, CONTROL, PAD, PROMPTS, SOURCE, TARGET, THINGS, TINY_FIT, make_model,
+                                make_tokenizer, right_padded, sentences)
 
 FAMILY = "llama"
 QUICK = {"steps": 30, "lr": 1e-2}
@@ -33,8 +33,8 @@ _FITTED: dict = {}
 
 def fitted(kind: str) -> Steering:
     if kind not in _FITTED:
-        _FITTED[kind] = fit_steering(make_model(FAMILY), make_tokenizer(), SOURCE, TARGET, CONTROL, pca_rank=10,
-                                     progress=False, **KINDS[kind])
+        _FITTED[kind] = fit_steering(make_model(FAMILY), make_tokenizer(), SOURCE, TARGET, CONTROL,
+                                     **{**TINY_FIT, **KINDS[kind]})
     return _FITTED[kind]
 
 
@@ -115,8 +115,7 @@ def test_learning_leaves_the_model_as_it_was():
     model = make_model(FAMILY)
     model.lm_head.weight.requires_grad_(False)
     before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    fit_steering(model, make_tokenizer(), SOURCE, TARGET, CONTROL, method="lineas", pca_rank=10, progress=False,
-                 training={"steps": 3})
+    fit_steering(model, make_tokenizer(), SOURCE, TARGET, CONTROL, method="lineas", training={"steps": 3}, **TINY_FIT)
     assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] and p.grad is None
                for n, p in model.named_parameters())
     assert not model.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -32,6 +32,8 @@ def lm():
 
 @pytest.fixture(scope="module")
 def steering(lm):
+    """Fitted with the language-model defaults (causal gating, pca_rank 16, lambda_floor 0.9); continuations=32
+    adds no token here: every fitting text is a whole sentence, which the model ends at once."""
     sets = world.fitting_sets()
     return fit_steering(*lm, sets.source, sets.target, sets.control, method="mean_shift", progress=False)
 
