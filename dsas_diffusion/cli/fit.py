@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.config import GATE_ACTIVATIONS
-from ..core.maps import map_class
+from ..core.config import GATE_ACTIVATIONS, SPATIAL_MAPS, SteeringConfig
+from ..core.maps import OUTSIDE_SOURCE_RANGE, map_class
 from ..core.registry import gate_kinds, methods
 from . import arguments as types
 from .common import CLIError, add_runtime_args, device_for, echo, process_state, torch_dtype
@@ -46,6 +46,15 @@ def add_parser(sub) -> None:
                    help="layers whose held-out gate accuracy is below this are not steered (default: 0.75)")
     g.add_argument("--gating", choices=("token", "causal", "sequence"), default="token",
                    help="how lambda is read at each position (default: token)")
+    g.add_argument("--outside-source-range", choices=OUTSIDE_SOURCE_RANGE,
+                   default=SteeringConfig.outside_source_range,
+                   help="what Linear-AcT does to a value outside the source range it was fitted on: clamp (shift it as "
+                        "if at the nearest end of the range) or identity (leave it untouched, as AcT does) "
+                        f"(default: {SteeringConfig.outside_source_range})")
+    g.add_argument("--spatial-map", choices=SPATIAL_MAPS, default=SteeringConfig.spatial_map,
+                   help="how closed-form maps act on the denoiser's spatial layers: spatial_mean (one shift per image "
+                        "from its per-channel spatial mean, as AcT does) or per_position (the map at every position) "
+                        f"(default: {SteeringConfig.spatial_map})")
     g.add_argument("--text-encoder-layers", type=types.regex,
                    help="regex of text encoder modules (default: every encoder layer)")
     g.add_argument("--denoiser-layers", type=types.regex,
@@ -122,6 +131,7 @@ def run(args) -> int:
     steering = pipe.fit_steering(
         prompts["source"], prompts["target"], prompts["control"], method=args.method, steer=args.steer,
         pca_rank=args.pca_rank, accuracy_threshold=args.threshold, gating=args.gating,
+        outside_source_range=args.outside_source_range, spatial_map=args.spatial_map,
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
         batch_size=args.batch_size, seed=args.seed, progress=args.progress and state.is_main_process, state=state,
         gates=args.gates, gate_activation=args.gate_activation, training=training, **gate_sets, **layer_args)

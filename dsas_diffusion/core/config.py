@@ -13,7 +13,10 @@ from .maps import MAPS, OUTSIDE_SOURCE_RANGE
 # 1: the first format. 2: the config names the sha256 of the weights file it was saved with
 # (`weights_sha256`), so a config never loads with weights it does not belong to. Format 1
 # files still load, without that check.
-FORMAT_VERSION = 3  # 3: learned maps and gates, gate activation, output elements, k-fold scores
+# 3: learned maps and gates, gate activation, output elements, k-fold scores. 4: how Linear-AcT treats
+# values outside its source range and how maps act on spatial layers (a format 3 reader refuses
+# these fields as unknown, so it is told to upgrade instead of that the file is damaged).
+FORMAT_VERSION = 4
 DIGEST_KEY = "weights_sha256"
 
 Gating = Literal["token", "causal", "sequence"]
@@ -24,12 +27,22 @@ SpatialMap = Literal["per_position", "spatial_mean"]
 SPATIAL_MAPS = ("per_position", "spatial_mean")
 GATINGS = ("token", "causal", "sequence")
 GATE_ACTIVATIONS = ("sigmoid", "relu")
-# Fields added after format 2 was fixed: a file written before them omits them and loads with
-# these values, which are what every such file meant.
-_ADDED_FIELDS = {"gate_activation": "sigmoid", "gates": "two_stage", "training": {}, "incremental": False,
-                 "cv_folds": 0, "accuracy_scaling": False, "outside_source_range": "clamp",
-                 "spatial_map": "per_position"}
-_ADDED_LAYER_FIELDS = {"element": 0, "gate_accuracy_std": None}
+# Fields added after format 2, by the format that requires them: a file of an earlier format may omit
+# them and loads with these values, which are what every such file meant. (Format 3 files written
+# before format 4 was fixed may hold the format 4 fields.)
+_ADDED_FIELDS = {3: {"gate_activation": "sigmoid", "gates": "two_stage", "training": {}, "incremental": False,
+                     "cv_folds": 0, "accuracy_scaling": False},
+                 4: {"outside_source_range": "clamp", "spatial_map": "per_position"}}
+_ADDED_LAYER_FIELDS = {3: {"element": 0, "gate_accuracy_std": None}}
+
+
+def _optional(added: dict[int, dict], version: int) -> dict:
+    """The added fields a file of `version` may omit, with what their absence means."""
+    return {k: v for since, fields_ in added.items() if version < since for k, v in fields_.items()}
+
+
+def _names(added: dict[int, dict]) -> set[str]:
+    return {k for fields_ in added.values() for k in fields_}
 
 
 @dataclass
@@ -222,10 +235,12 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise _Invalid(f"unknown fields {unknown} (is it damaged or from another tool?)")
-    missing = [n for n in sorted(allowed) if n not in d and n not in _ADDED_FIELDS
+    omitted = _optional(_ADDED_FIELDS, version)
+    missing = [n for n in sorted(allowed) if n not in d and n not in omitted
                and (n != DIGEST_KEY or digest_required)]
     if missing:
         raise _Invalid(f"required fields {missing} are missing")
+    d = {**omitted, **d}
     digest = None
     if DIGEST_KEY in d:
         digest = _string(d[DIGEST_KEY], repr(DIGEST_KEY))
@@ -233,25 +248,22 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
             raise _Invalid(f"{DIGEST_KEY!r} must be 64 lowercase hex digits (a sha256), got {digest!r}")
     values = {
         "method": _choice(d["method"], "'method'", sorted(MAPS)),
-        "gates": _choice(d.get("gates", _ADDED_FIELDS["gates"]), "'gates'", sorted(GATE_KINDS)),
+        "gates": _choice(d["gates"], "'gates'", sorted(GATE_KINDS)),
         "pca_rank": _integer(d["pca_rank"], "'pca_rank'", 1),
         "logistic_l2": _real(d["logistic_l2"], "'logistic_l2'", 0.0, math.inf, low_open=True),
         "accuracy_threshold": _real(d["accuracy_threshold"], "'accuracy_threshold'", 0.0, 1.0),
-        "accuracy_scaling": _boolean(d.get("accuracy_scaling", _ADDED_FIELDS["accuracy_scaling"]),
-                                     "'accuracy_scaling'"),
+        "accuracy_scaling": _boolean(d["accuracy_scaling"], "'accuracy_scaling'"),
         "held_out_fraction": _real(d["held_out_fraction"], "'held_out_fraction'", 0.0, 1.0, high_open=True),
-        "cv_folds": _integer(d.get("cv_folds", _ADDED_FIELDS["cv_folds"]), "'cv_folds'", 0),
+        "cv_folds": _integer(d["cv_folds"], "'cv_folds'", 0),
         "gating": _choice(d["gating"], "'gating'", list(GATINGS)),
         "skip_first_token": _boolean(d["skip_first_token"], "'skip_first_token'"),
         "lambda_floor": _real(d["lambda_floor"], "'lambda_floor'", 0.0, 1.0, high_open=True),
         "clamp_to_source_range": _boolean(d["clamp_to_source_range"], "'clamp_to_source_range'"),
-        "outside_source_range": _choice(d.get("outside_source_range", _ADDED_FIELDS["outside_source_range"]),
-                                        "'outside_source_range'", list(OUTSIDE_SOURCE_RANGE)),
-        "spatial_map": _choice(d.get("spatial_map", _ADDED_FIELDS["spatial_map"]), "'spatial_map'",
-                               list(SPATIAL_MAPS)),
-        "incremental": _boolean(d.get("incremental", _ADDED_FIELDS["incremental"]), "'incremental'"),
-        "gate_activation": _choice(d.get("gate_activation", _ADDED_FIELDS["gate_activation"]), "'gate_activation'",
-                                   list(GATE_ACTIVATIONS)),
+        "outside_source_range": _choice(d["outside_source_range"], "'outside_source_range'",
+                                        list(OUTSIDE_SOURCE_RANGE)),
+        "spatial_map": _choice(d["spatial_map"], "'spatial_map'", list(SPATIAL_MAPS)),
+        "incremental": _boolean(d["incremental"], "'incremental'"),
+        "gate_activation": _choice(d["gate_activation"], "'gate_activation'", list(GATE_ACTIVATIONS)),
         "seed": _integer(d["seed"], "'seed'"),
         "base_model": None if d["base_model"] is None else _string(d["base_model"], "'base_model'"),
         "fingerprint": {k: _fingerprint_entry(v, f"fingerprint[{k!r}]")
@@ -261,8 +273,8 @@ def _read(d: dict, version: int, digest_required: bool = True) -> tuple[Steering
                          for k, v in _mapping(d["num_examples"], "'num_examples'").items()},
         "training": {k: v if isinstance(v, int) and not isinstance(v, bool) else
                      _real(v, f"training[{k!r}]", -math.inf, math.inf)
-                     for k, v in _mapping(d.get("training", {}), "'training'").items()},
-        "layers": {k: _layer(v, k) for k, v in _mapping(d["layers"], "'layers'").items()},
+                     for k, v in _mapping(d["training"], "'training'").items()},
+        "layers": {k: _layer(v, k, version) for k, v in _mapping(d["layers"], "'layers'").items()},
         "format_version": version,
     }
     if not values["layers"]:
@@ -332,21 +344,24 @@ def _exact_keys(value: dict, where: str, required: set[str], optional: set[str] 
                        + (f"; unknown {unknown}" if unknown else ""))
 
 
-def _layer(value: Any, name: str) -> LayerInfo:
+def _layer(value: Any, name: str, version: int) -> LayerInfo:
     where = f"layers[{name!r}]"
     if name.startswith(_RESERVED_PREFIX):
         raise _Invalid(f"{where}: a layer name must be a module path such as 'blocks.0', not start with "
                        f"{_RESERVED_PREFIX!r} (the weights file's fingerprint entries)")
     value = _mapping(value, where)
-    _exact_keys(value, where, {"width", "kind", "gate_accuracy", "steered"}, set(_ADDED_LAYER_FIELDS))
+    omitted = _optional(_ADDED_LAYER_FIELDS, version)
+    required = {"width", "kind", "gate_accuracy", "steered"} | (_names(_ADDED_LAYER_FIELDS) - set(omitted))
+    _exact_keys(value, where, required, set(omitted))
+    value = {**omitted, **value}
     accuracy = value["gate_accuracy"]  # JSON has no NaN: a gate scored on no held-out prompt saves null
-    spread = value.get("gate_accuracy_std")
+    spread = value["gate_accuracy_std"]
     return LayerInfo(
         width=_integer(value["width"], f"{where}.width", 1),
         kind=_choice(value["kind"], f"{where}.kind", ["tokens", "spatial"]),
         gate_accuracy=float("nan") if accuracy is None else _real(accuracy, f"{where}.gate_accuracy", 0.0, 1.0),
         steered=_boolean(value["steered"], f"{where}.steered"),
-        element=_integer(value.get("element", _ADDED_LAYER_FIELDS["element"]), f"{where}.element", 0),
+        element=_integer(value["element"], f"{where}.element", 0),
         gate_accuracy_std=float("nan") if spread is None else _real(spread, f"{where}.gate_accuracy_std", 0.0, 1.0),
     )
 

@@ -147,7 +147,7 @@ def test_options_round_trip_and_files_without_them_load_with_the_old_behaviour(t
         path = tmp_path / kind / "steering_config.json"
         doc = json.loads(path.read_text())
         del doc["outside_source_range"], doc["spatial_map"]
-        path.write_text(json.dumps(doc))
+        path.write_text(json.dumps({**doc, "format_version": 3}))
         old = Steering.from_pretrained(tmp_path / kind)
         assert (old.config.outside_source_range, old.config.spatial_map) == ("clamp", "per_position")
         assert torch.equal(run(old, inp), run(steering({"layer": LinearAcT(**m)}, kind, outside_source_range="clamp",

@@ -41,7 +41,8 @@ def set_in(doc: dict, path: tuple, value) -> dict:
 
 
 DELETE = object()
-NEW_LAYER = {"width": 16, "kind": "tokens", "gate_accuracy": None, "steered": True}
+NEW_LAYER = {"width": 16, "kind": "tokens", "gate_accuracy": None, "steered": True, "element": 0,
+             "gate_accuracy_std": None}
 
 # (case id, path into the JSON document, new value, what the message must say)
 JSON_CASES = [

@@ -1,5 +1,7 @@
-"""Config fields added after format 2: a layer's steered tuple element and the gate activation.
-Old files (without them) load unchanged; new values round-trip and bad ones are refused on load."""
+"""Config fields added after format 2 (format 3: learned steering, gate activation, a layer's steered
+tuple element, k-fold scores; format 4: the AcT options). Files of an earlier format (without them) load
+with what they meant, a file of the current format without them is refused as damaged, one of a newer
+format is refused with the fix; new values round-trip and bad ones are refused on load."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from dsas_diffusion import Steering, SteeringConfig
-from dsas_diffusion.core import LayerInfo
+from dsas_diffusion.core import FORMAT_VERSION, LayerInfo
 from dsas_diffusion.core.gate import activate
 from tests.core.test_steering import Tiny, fitted
 
@@ -26,19 +28,70 @@ def edit_saved(folder, edit):
     path.write_text(json.dumps(doc))
 
 
-def test_a_file_without_the_new_fields_loads_with_their_old_meaning(steering, tmp_path):
+FORMAT_3 = ("gate_activation", "gates", "training", "incremental", "cv_folds", "accuracy_scaling")
+FORMAT_4 = ("outside_source_range", "spatial_map")
+
+
+def test_a_format_2_file_without_the_later_fields_loads_with_their_old_meaning(steering, tmp_path):
+    steering.config.outside_source_range = "identity"  # not what a format 2 file meant: the load must not keep it
+    try:
+        steering.save_pretrained(tmp_path)
+    finally:
+        steering.config.outside_source_range = "clamp"
+
+    def format_2(doc):
+        for key in FORMAT_3 + FORMAT_4:
+            del doc[key]
+        for layer in doc["layers"].values():
+            del layer["element"], layer["gate_accuracy_std"]
+        doc["format_version"] = 2
+
+    edit_saved(tmp_path, format_2)
+    config = Steering.from_pretrained(tmp_path).config
+    assert (config.gate_activation, config.gates, config.training, config.incremental) == ("sigmoid", "two_stage",
+                                                                                           {}, False)
+    assert (config.cv_folds, config.accuracy_scaling) == (0, False)
+    assert (config.outside_source_range, config.spatial_map) == ("clamp", "per_position")
+    assert all(info.element == 0 and info.gate_accuracy_std != info.gate_accuracy_std
+               for info in config.layers.values())
+
+
+def test_a_format_3_file_loads_with_or_without_the_format_4_fields(steering, tmp_path):
+    steering.save_pretrained(tmp_path)
+    edit_saved(tmp_path, lambda doc: doc.__setitem__("format_version", 3))  # written between the two formats
+    assert Steering.from_pretrained(tmp_path).config.spatial_map == "spatial_mean"
+
+    def format_3(doc):
+        for key in FORMAT_4:
+            del doc[key]
+
+    edit_saved(tmp_path, format_3)  # written before format 4 existed: what those files meant
+    config = Steering.from_pretrained(tmp_path).config
+    assert (config.outside_source_range, config.spatial_map) == ("clamp", "per_position")
+
+
+@pytest.mark.parametrize("key", [*FORMAT_3, *FORMAT_4, "layer element"])
+def test_a_current_file_without_a_field_of_its_format_is_refused_as_damaged(steering, tmp_path, key):
     steering.save_pretrained(tmp_path)
 
     def drop(doc):
-        del doc["gate_activation"], doc["gates"], doc["training"]
-        for layer in doc["layers"].values():
-            del layer["element"]
+        if key == "layer element":
+            del doc["layers"]["blocks.0"]["element"]
+        else:
+            del doc[key]
 
     edit_saved(tmp_path, drop)
-    loaded = Steering.from_pretrained(tmp_path)
-    assert loaded.config.gate_activation == "sigmoid" and loaded.config.gates == "two_stage"
-    assert loaded.config.training == {}
-    assert all(info.element == 0 for info in loaded.config.layers.values())
+    with pytest.raises(ValueError, match=r"(required fields|must hold).*(missing).*fit and save the steering again"):
+        Steering.from_pretrained(tmp_path)
+
+
+def test_a_file_of_the_next_format_is_refused_with_the_fix(steering, tmp_path):
+    steering.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "steering_config.json").read_text())["format_version"] == FORMAT_VERSION == 4
+    edit_saved(tmp_path, lambda doc: doc.__setitem__("format_version", FORMAT_VERSION + 1))
+    with pytest.raises(ValueError, match=rf"format version {FORMAT_VERSION + 1} by a newer dsas-diffusion; this "
+                                         rf"version reads format <= {FORMAT_VERSION}. Upgrade"):
+        Steering.from_pretrained(tmp_path)
 
 
 def test_element_and_gate_activation_round_trip(steering, tmp_path):
