@@ -4,7 +4,7 @@
     python -m benchmarks.gate_sweep
     python -m benchmarks.gate_sweep --worlds lm   # one world (the other's rows in the results are kept)
 
-On held-out prompts of the toy LM (insult, mean shift at the default layers, causal gating) and of
+On held-out prompts of the toy LM (insult, mean shift at the default layers; `LM_FIT`) and of
 the toy images (red -> green, mean shift on the text encoder), DSAS is measured over alpha for:
 
 - `pca_rank` of the gate (each a fit of its own);
@@ -28,11 +28,15 @@ import torch
 from benchmarks.toy_worlds import ASSETS, DRIFT_LABELS, write_results
 
 DEFAULT = dict(pca_rank=5, cv_folds=0, accuracy_threshold=0.75, accuracy_scaling=False)
+# The LM fits pin what the library's language-model defaults would otherwise move under the sweep: causal
+# gating, no lambda floor and no continuations (the protocol of tests/toy/test_toy_lm.py), so a row
+# differs from the defaults' row in the one gate setting it names.
+LM_FIT = dict(gating="causal", lambda_floor=0.0, continuations=0)
 
 
 def settings(quick: bool) -> list[dict]:
     """The gate settings: the defaults, then one parameter moved at a time."""
-    ranks = (2, 10) if quick else (1, 2, 10, 20)
+    ranks = (2, 16) if quick else (1, 2, 10, 16, 20)  # 16: the language models' default
     thresholds = (0.6, 0.9) if quick else (0.5, 0.6, 0.9, 0.95)
     out = [dict(DEFAULT)]
     out += [dict(DEFAULT, pca_rank=r) for r in ranks]
@@ -110,7 +114,7 @@ def lm_rows(args) -> list[dict]:
 
     def fit(rank, folds):
         return fit_steering(model, tokenizer, sets.source, sets.target, sets.control, method="mean_shift",
-                            pca_rank=rank, cv_folds=folds, accuracy_threshold=0.0, progress=False)
+                            pca_rank=rank, cv_folds=folds, accuracy_threshold=0.0, progress=False, **LM_FIT)
 
     def evaluate(steering, alpha):
         r = evaluate_lm(model, tokenizer, steering, alpha, baseline=baseline)
@@ -220,7 +224,7 @@ def main(argv=None):
     args.lm_alphas = [1.0, 2.0, 4.0] if args.quick else [4.0, 8.0, 16.0]
     rows = (lm_rows(args) if "lm" in args.worlds else []) + (t2i_rows(args) if "t2i" in args.worlds else [])
     name = "gate_sweep" + ("_quick" if args.quick else "")
-    write_results(name, rows, table, plot, worlds=args.worlds, settings=vars(args))
+    write_results(name, rows, table, plot, worlds=args.worlds, settings=vars(args), lm_fit=LM_FIT)
 
 
 if __name__ == "__main__":
