@@ -29,7 +29,8 @@ from benchmarks.toy_worlds import ASSETS, DRIFT_LABELS, write_results
 
 DEFAULT = dict(pca_rank=5, cv_folds=0, accuracy_threshold=0.75, accuracy_scaling=False)
 # The LM fits pin what the library's language-model defaults would otherwise move under the sweep: causal
-# gating, no lambda floor and no continuations (the protocol of tests/toy/test_toy_lm.py), so a row
+# gating, no lambda floor and no continuations (the options of the toy-LM figures before the defaults
+# moved; continuations add nothing in this world, whose fitting texts the model ends at once), so a row
 # differs from the defaults' row in the one gate setting it names.
 LM_FIT = dict(gating="causal", lambda_floor=0.0, continuations=0)
 
