@@ -66,7 +66,8 @@ class Steered(NamedTuple):
 
     out: torch.Tensor  # (B, K, D) x + strength * lambda * delta(x), in x's dtype and strides
     lam: torch.Tensor  # (B, K, 1) float32 lambdas
-    mean: torch.Tensor  # (B, 1, 1) float32 running mean of the logits after this call: the state is (mean, pos.count)
+    mean: torch.Tensor | None  # (B, 1, 1) float32 running mean of the logits after this call: the state is
+    # (mean, pos.count); None from the composite called with state=False where the lambdas do not read it
     proj: torch.Tensor  # (B, K, 1) float32 gate logits, bias included
 
 
@@ -79,16 +80,24 @@ def lambdas(
     floor: float = 0.0,
     prior_mean: torch.Tensor | None = None,
     activation: str = "sigmoid",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's lambdas (B, K, 1) from its gate logits `proj` (B, K, 1) (bias included), and the new
     running mean of the logits (B, 1, 1).
 
     The state is the running mean, not the sum: the pooled and causal logits are that mean
-    already, so keeping it costs nothing, and a cached token moves it in one lerp.
+    already, so keeping it costs nothing, and a cached token moves it in one lerp. A caller that
+    keeps no running state (`state=False`: a call that starts and ends its sequence, as every
+    diffusion forward does) gets None instead where the lambdas do not read the mean (token gating
+    without padding; causal gating, whose lambdas read the running means but not the copy of the
+    last one), and saves its ops.
     """
     k = proj.shape[1]
     token = gating == "token"
-    if pos.step is not None and prior_mean is not None:  # a cached decoding step
+    if not state and token and pos.pad is None:  # every lambda reads its own logit: the mean would go unread
+        mean = None
+        logits = proj
+    elif pos.step is not None and prior_mean is not None:  # a cached decoding step
         mean = torch.lerp(prior_mean, proj, pos.step)
         logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
     else:
@@ -100,7 +109,7 @@ def lambdas(
             logits = run / pos.seen
             # the causal mean at the last position is the mean of all so far; copied to the layout of the
             # other modes' state, which a compiled graph reading it at the next step guards on
-            mean = logits[:, -1:].clone(memory_format=torch.contiguous_format)
+            mean = logits[:, -1:].clone(memory_format=torch.contiguous_format) if state else None
         else:
             total = pv if k == 1 else pv.sum(1, keepdim=True)
             if prior_mean is not None:
@@ -133,13 +142,16 @@ def steer_layer(
     floor: float = 0.0,
     prior_mean: torch.Tensor | None = None,
     activation: str = "sigmoid",
+    state: bool = True,
 ) -> Steered:
     """Steer one gated layer's activations `x` (B, K, D): see `Steered` for what comes back.
 
     `weight` (1, D) and `bias` (1,) are the gate's, in float32; `terms` the map's (`map_terms`), in x's
     dtype and on its device; `pos` is the call's `runtime.Positions`, shared by its layers.
     `strength` is a float or a 0-dim float32 tensor; compiled, pass a tensor, so the graph reads it
-    rather than specialising on it (on CUDA keep it on x's device, where CUDA graphs read it too).
+    rather than specialising on it (on CUDA keep it on x's device, where CUDA graphs read it too);
+    eager on the CPU a float that is a float32 value costs one op less and gives the same bits.
+    `state=False`: the caller keeps no running state (see `lambdas`), and `mean` may be None.
 
     On CUDA with Triton this is the kernel: under torch.compile through the op, one node; eager,
     called directly, as dispatching a Python custom op costs more than the composite's own ops.
@@ -156,7 +168,7 @@ def steer_layer(
             return Steered(*torch.ops.dsas.steer_layer.default(*args))
         if x.numel():
             return Steered(*triton_steer(*args))
-    return _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior_mean, activation)
+    return _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior_mean, activation, state=state)
 
 
 def op_args(x, weight, bias, strength, terms, pos, *, gating, kind="tokens", floor=0.0, prior_mean=None,
@@ -167,11 +179,12 @@ def op_args(x, weight, bias, strength, terms, pos, *, gating, kind="tokens", flo
             pos.pad, pos.rows, prior_mean, gating, kind, float(floor), activation)
 
 
-def _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior_mean, activation, out=None):
+def _composite(x, weight, bias, strength, terms, pos, gating, kind, floor, prior_mean, activation, out=None,
+               state=True):
     # (B, K, 1) in float32 whatever x's dtype: in bfloat16 the logits would move lambdas by up to 0.16
     proj = F.linear(x if x.dtype is weight.dtype else x.to(weight.dtype), weight, bias)
     lam, mean = lambdas(proj, pos, gating=gating, kind=kind, floor=floor, prior_mean=prior_mean,
-                        activation=activation)
+                        activation=activation, state=state)
     shift, slope, lo, hi, inside = terms
     if slope is None:
         delta = shift

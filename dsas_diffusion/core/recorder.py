@@ -54,8 +54,8 @@ def _(lam, token, sink):
 
 
 class Recorder:
-    """Appends lambdas to `target()` (the calling thread's list; None: drop them), directly in eager
-    mode and through `dsas::record` while torch.compile traces."""
+    """Appends lambdas to `target()` (the calling thread's list; None: drop them) through `dsas::record`,
+    from a graph torch.compile traces. Eager hooks append to that list themselves: they hold it already."""
 
     def __init__(self, target: Callable[[], list]):
         self._sink = _Sink(target)  # kept alive by this recorder; the registry holds it weakly
@@ -66,9 +66,5 @@ class Recorder:
         self._token = torch.zeros(1, dtype=torch.int64)
 
     def record(self, lam: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
-            torch.ops.dsas.record(lam, self._token, self._id)
-        else:
-            target = self._sink.target()
-            if target is not None:
-                target.append(lam)
+        """Called while torch.compile traces: the graph runs the op, which appends when the graph runs."""
+        torch.ops.dsas.record(lam, self._token, self._id)

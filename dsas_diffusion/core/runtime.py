@@ -167,7 +167,7 @@ class _LayerRuntime:
                              and (terms is None or terms.slope is not None))
         self._cast: dict = {}
 
-    def on(self, x: torch.Tensor) -> tuple:
+    def on(self, x: torch.Tensor, compiling: bool) -> tuple:
         """(map, gate weight (1, D), gate bias (1,), the map's fused form or None) for activations like `x`."""
         key = (x.device, x.dtype)
         hit = self._cast.get(key)
@@ -177,7 +177,7 @@ class _LayerRuntime:
         map_ = self.map.to(x.device, x.dtype)
         cast = (map_, self.gate.weight.to(x.device, torch.float32).view(1, -1),
                 self.gate.bias.to(x.device, torch.float32).view(1), map_terms(map_))
-        if not torch.compiler.is_compiling():  # a cache filled while tracing would be a guard that fails next call
+        if not compiling:  # a cache filled while tracing would be a guard that fails next call
             self._cast[key] = cast
         return cast
 
@@ -186,13 +186,14 @@ class _Run:
     """The options a hook reads, in the form a compiled graph can take without specialising:
     `strength` is a 0-dim float32 tensor per device (a Python float would be a constant of the
     graph, one graph per value), updated in place; `active` (strength != 0) is the only thing
-    about it a graph may branch on.
+    about it a graph may branch on. `number` is the same float32 value as a Python float, which
+    eager hooks on the CPU pass instead (reading the tensor back would be one op per layer).
 
     A thread's calls read `call.run`: the handle's own `_Run` (one object, changed in place when an
     option is assigned) or, inside `local_options`, one of the thread's own. Always an object of
     this class, so a graph never branches on whether a thread has overrides."""
 
-    __slots__ = ("active", "strength", "gated", "record")
+    __slots__ = ("active", "strength", "number", "gated", "record")
 
     def __init__(self, strength: float, gated: bool, record: bool, devices):
         self.strength = {d: torch.tensor(strength, dtype=torch.float32, device=d) for d in devices}
@@ -201,6 +202,7 @@ class _Run:
     def set(self, strength: float, gated: bool, record: bool) -> None:
         for t in self.strength.values():
             t.fill_(strength)
+        self.number = torch.tensor(strength, dtype=torch.float32).item()  # as `.item()` on a tensor gives it
         self.active, self.gated, self.record = strength != 0, gated, record
 
     @property
@@ -393,10 +395,11 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         call = self._local.call  # the state of the thread running this forward
         layer = self._layers[name]
         run = call.run
+        compiling = torch.compiler.is_compiling()
         # compiled without a running state, the graph steers and then chooses the result by the strength
         # tensor (torch.where: bit-identical to not steering at 0), so switching a call on and off (a
         # pipeline's positive and negative prompts) does not make a graph of its own
-        select = not self.track_running and torch.compiler.is_compiling()
+        select = compiling and not self.track_running
         if not (select or run.active) or (run.gated and not layer.steered):
             return None
         tokens, restore = (x, None) if x.dim() == 3 else as_tokens(x)
@@ -405,22 +408,26 @@ class SteeringHandle(RunOptionAttributes, HookSet):
                 f"layer {self.layer_names[name]!r} produces activations of width {tokens.shape[-1]}, but the steering "
                 f"was fitted on width {layer.width}: it belongs to another model; fit it again on this one"
             )
-        map_, weight, bias, terms = layer.on(tokens)
+        map_, weight, bias, terms = layer.on(tokens, compiling)
         if layer.spatial_mean:  # one shift per row, from its mean: the op's constant-shift form
             terms = MapTerms(_row_delta(map_, tokens, call.valid))
-        strength = run.strength_on(tokens.device)
+        # eager on the CPU the float32 strength as a Python float: the composite would read the tensor back
+        strength = run.number if tokens.is_cpu and not compiling else run.strength_on(tokens.device)
         out = None
         if run.gated:
-            prior = call.running.get(name) if self.track_running else None
+            track = self.track_running
+            prior = call.running.get(name) if track else None
             pos = self._positions(call, layer.kind, tokens, prior)
-            options = dict(gating=self._gating, kind=layer.kind, floor=self._lambda_floor,
-                           prior_mean=None if prior is None else prior[0], activation=self._activation)
+            prior_mean = None if prior is None else prior[0]
             if terms is not None:  # one op: gate, lambdas, map and blend (a Triton kernel on CUDA)
-                out, lam, mean, proj = steer_layer(tokens, weight, bias, strength, terms, pos, **options)
+                out, lam, mean, proj = steer_layer(tokens, weight, bias, strength, terms, pos, gating=self._gating,
+                                                   kind=layer.kind, floor=self._lambda_floor, prior_mean=prior_mean,
+                                                   activation=self._activation, state=track)
             else:
                 proj = F.linear(tokens if tokens.dtype is torch.float32 else tokens.float(), weight, bias)  # (B, K, 1)
-                lam, mean = lambdas(proj, pos, **options)
-            if self.track_running:
+                lam, mean = lambdas(proj, pos, gating=self._gating, kind=layer.kind, floor=self._lambda_floor,
+                                    prior_mean=prior_mean, activation=self._activation, state=track)
+            if track:
                 call.running[name] = (mean, pos.count)
                 call.undo[name] = (prior, proj)  # to go back if the KV cache is cropped
         else:  # plain steering: lambda = 1 everywhere
@@ -428,13 +435,17 @@ class SteeringHandle(RunOptionAttributes, HookSet):
             if call.rows is not None:
                 lam = lam * call.rows.to(lam.device, lam.dtype).view(-1, 1, 1)
         if run.record:  # (B, K, 1): `scales` drops the last axis when it is read, not here
-            layer.recorder.record(lam.detach() if lam.requires_grad else lam)
+            kept = lam.detach() if lam.requires_grad else lam
+            if compiling:  # a graph must not touch the list (a guard on its length): the op appends at run time
+                layer.recorder.record(kept)
+            else:
+                call.history[name].append(kept)
         if out is None:
             scale = lam * strength
             out = torch.addcmul(tokens, scale if scale.dtype == tokens.dtype else scale.to(tokens.dtype),
                                 terms.shift if layer.spatial_mean else map_.delta(tokens))
         if select:
-            out = torch.where(strength != 0, out, tokens)
+            out = torch.where(strength != 0, out, tokens)  # compiled: the strength is the tensor
         return out if restore is None else restore(out)
 
 
@@ -443,7 +454,7 @@ def _row_delta(map_: SteeringMap, tokens: torch.Tensor, valid: torch.Tensor | No
     float32 and the map evaluated in the activations' dtype, as at a single position."""
     mean = tokens.mean(1, keepdim=True, dtype=torch.float32) if valid is None \
         else masked_mean(tokens.float(), valid).unsqueeze(1)
-    return map_.delta(mean.to(tokens.dtype))
+    return map_.delta(mean if mean.dtype == tokens.dtype else mean.to(tokens.dtype))
 
 
 def _devices_of(root: torch.nn.Module) -> list[torch.device]:
