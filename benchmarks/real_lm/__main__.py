@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             kept[held.task.NAME].update(task_kept)
             meta["wall_s"] = time.time() - start
             report.write(rows, meta, args.out, stem)  # after every part: a stopped run keeps what it measured
-        if not phase:
+        if not phase and settings:  # heatmaps of the closed-form mean shift, when closed-form settings ran
             for held in helds:
                 heatmaps(model, tokenizer, held, kept[held.task.NAME], seeds[0], args, stem)
     meta["wall_s"] = time.time() - start

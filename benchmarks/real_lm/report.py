@@ -132,7 +132,7 @@ def heatmaps(model, tokenizer, steering, alpha: float, prompts: dict[str, str], 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for label, prompt in prompts.items():
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(prompt, return_tensors="pt")  # as fitting tokenizes: with a BOS where the model has one
         with attach(steering, model, strength=alpha) as handle:
             seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)

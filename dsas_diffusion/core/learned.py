@@ -12,8 +12,8 @@ The loss, summed over layers:
   token-averaged activations of a source batch and those of a target batch of the same size
   (both sorted), summed over units;
 - control (E2E gates only): the mean over the steered positions of a control batch of
-  ||steered - unsteered||^2, the unsteered reference from a forward of the same batch without
-  steering [choice: circuit breakers' L2 retain term; the paper's exact form is not public].
+  ||steered - unsteered||^2, the unsteered reference from one pass of every control example without
+  steering before training [choice: circuit breakers' L2 retain term; the paper's exact form is not public].
 Adam (betas 0.9, 0.9), cosine decay to lr * 1e-3 (the authors' LinEAS settings), early stop when
 the smoothed loss stops improving, and an optional sparse-group-lasso proximal step on each
 layer's (weight - 1, bias), which switches whole layers off.
@@ -191,6 +191,8 @@ def _optimise(rec: Recording, params: dict[str, LayerParameters], trainable: lis
     optimizer = torch.optim.Adam(trainable, lr=options.lr, betas=(0.9, 0.9))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, options.steps, eta_min=options.lr * 1e-3)
     losses, smooth, best, stalled = [], None, math.inf, 0
+    control = learn_gates and options.control_weight > 0
+    reference = _unsteered(rec, run, sizes["control"], control_batch) if control else None
     bar = tqdm(range(options.steps), desc="learning steering", leave=False, disable=not progress)
     for _ in bar:
         rows = torch.randperm(sizes["source"], generator=generator)[:batch].tolist()
@@ -198,8 +200,8 @@ def _optimise(rec: Recording, params: dict[str, LayerParameters], trainable: lis
         rec.steer, rec.record = True, "pooled"
         run("source", rows)
         loss = sum(wasserstein(rec.outputs[n], target[n][target_rows.to(target[n].device)]) for n in params)
-        if learn_gates and options.control_weight > 0:
-            loss = loss + options.control_weight * _control_term(rec, run, params, sizes["control"], control_batch,
+        if control:
+            loss = loss + options.control_weight * _control_term(rec, run, params, reference, control_batch,
                                                                  generator)
         if not torch.isfinite(loss):
             raise ValueError(f"learning the steering diverged: the loss is {loss.item()} at step {len(losses) + 1}; "
@@ -224,24 +226,41 @@ def _optimise(rec: Recording, params: dict[str, LayerParameters], trainable: lis
     return losses
 
 
-def _control_term(rec: Recording, run: Run, params: dict, n_control: int, batch: int,
+def _unsteered(rec: Recording, run: Run, n_control: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Per control example, {layer: its unsteered outputs (K, D)}, K its batch's padded width: one pass
+    before training rather than an unsteered forward of every step's control batch (right padding keeps
+    each example's real positions where they are, whatever batch it runs in)."""
+    rec.steer, rec.record = False, "tokens"
+    rows = []
+    with torch.no_grad():
+        for start in range(0, n_control, batch):
+            chunk = list(range(start, min(start + batch, n_control)))
+            run("control", chunk)
+            rows += [{n: out[i] for n, out in rec.outputs.items()} for i in range(len(chunk))]
+    rec.steer, rec.record = True, "pooled"
+    return rows
+
+
+def _control_term(rec: Recording, run: Run, params: dict, reference: list[dict[str, torch.Tensor]], batch: int,
                   generator: torch.Generator) -> torch.Tensor:
     """Per layer, the mean over the real tokens of a control batch of ||steered - unsteered||^2, summed."""
-    rows = torch.randperm(n_control, generator=generator)[:batch].tolist()
-    rec.steer, rec.record = False, "tokens"
-    with torch.no_grad():
-        run("control", rows)
-    reference = dict(rec.outputs)
-    rec.steer = True
+    rows = torch.randperm(len(reference), generator=generator)[:batch].tolist()
+    rec.record = "tokens"
     run("control", rows)
     term = 0.0
     for n in params:
-        ref, mask = reference[n], rec.masks[n]
+        out, mask = rec.outputs[n], rec.masks[n]
+        ref = torch.stack([_width(reference[r][n], out.shape[1]) for r in rows])
         v = torch.ones(ref.shape[:2], device=ref.device) if mask is None else mask.to(ref.device).float()
         v = v.unsqueeze(-1)
-        term = term + ((rec.outputs[n] - ref).pow(2) * v).sum() / v.sum().clamp_min(1)
+        term = term + ((out - ref).pow(2) * v).sum() / v.sum().clamp_min(1)
     rec.record = "pooled"
     return term
+
+
+def _width(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(K, D) cut or zero-padded to k positions (what lies past a text's end is masked out)."""
+    return x[:k] if len(x) >= k else torch.cat([x, x.new_zeros(k - len(x), *x.shape[1:])])
 
 
 @torch.no_grad()

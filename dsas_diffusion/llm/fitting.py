@@ -220,7 +220,7 @@ def fit_steering(
     real model: `lambda_floor=0.9` (lambdas below it snap to 0 at run time, so a control the gate is
     unsure of is left exactly as it was) and `continuations=32` (below). Measured on SmolLM2-135M's
     held-out prompts, with neither no control continuation was left unchanged at concept rate <= 10 %
-    (toxicity and topic tasks, benchmarks/results/real_lm.md), nor with the floor alone (topic,
+    (toxicity and topic tasks, benchmarks/results/real_lm_before_defaults.md), nor with the floor alone (topic,
     real_lm_defaults.md); with both, 88 % at concept rate 6 % (topic, alpha 1) and 84 % at 9 %
     (toxicity, alpha 2), where plain mean shift at full removal changed every one
     (real_lm_recommended.md). In the toy language world, where DSAS spares every control without the

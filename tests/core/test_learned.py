@@ -207,6 +207,27 @@ def test_learning_is_deterministic_with_a_seed_and_stops_when_the_loss_stalls():
     assert len(losses) < 400 and losses[-1] < 0.5 * losses[0]
 
 
+def test_the_unsteered_control_reference_is_one_pass_before_training_not_one_forward_per_step():
+    data = sets()
+    model, names = Stack(8), ["first", "second"]
+    acts = {label: pooled(model, names, x) for label, x in data.items()}
+    steering = fit_from_activations(acts["source"], acts["target"], acts["control"],
+                                    SteeringConfig(method="mean_shift", gates="e2e", pca_rank=2, gating="sequence",
+                                                   skip_first_token=False), progress=False, require_steered=False,
+                                    refine=lambda s: s)
+    calls = []
+
+    def run(label, rows):
+        calls.append((label, torch.is_grad_enabled(), len(rows)))
+        model(data[label][rows])
+
+    options = TrainingOptions(steps=6, lr=1e-2, batch_size=16)
+    train_steering(steering, model, run, {"source": 64, "control": 64}, acts["target"], options, progress=False)
+    unsteered = [n for label, grad, n in calls if label == "control" and not grad]
+    assert unsteered == [16] * 4  # every control example once, in batches, before the first step
+    assert [n for label, grad, n in calls if label == "control" and grad] == [16] * 6
+
+
 @pytest.mark.parametrize("gating", ["token", "causal", "sequence"])
 def test_training_lambdas_are_the_run_time_lambdas_at_every_real_token(gating):
     """What is learned is what runs: the training hooks' lambdas (sigmoid) equal core/runtime.py's."""
