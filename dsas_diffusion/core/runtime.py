@@ -186,14 +186,13 @@ class _Run:
     """The options a hook reads, in the form a compiled graph can take without specialising:
     `strength` is a 0-dim float32 tensor per device (a Python float would be a constant of the
     graph, one graph per value), updated in place; `active` (strength != 0) is the only thing
-    about it a graph may branch on. `number` is the same float32 value as a Python float, which
-    eager hooks on the CPU pass instead (reading the tensor back would be one op per layer).
+    about it a graph may branch on.
 
     A thread's calls read `call.run`: the handle's own `_Run` (one object, changed in place when an
     option is assigned) or, inside `local_options`, one of the thread's own. Always an object of
     this class, so a graph never branches on whether a thread has overrides."""
 
-    __slots__ = ("active", "strength", "number", "gated", "record")
+    __slots__ = ("active", "strength", "gated", "record")
 
     def __init__(self, strength: float, gated: bool, record: bool, devices):
         self.strength = {d: torch.tensor(strength, dtype=torch.float32, device=d) for d in devices}
@@ -202,7 +201,6 @@ class _Run:
     def set(self, strength: float, gated: bool, record: bool) -> None:
         for t in self.strength.values():
             t.fill_(strength)
-        self.number = torch.tensor(strength, dtype=torch.float32).item()  # as `.item()` on a tensor gives it
         self.active, self.gated, self.record = strength != 0, gated, record
 
     @property
@@ -411,8 +409,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         map_, weight, bias, terms = layer.on(tokens, compiling)
         if layer.spatial_mean:  # one shift per row, from its mean: the op's constant-shift form
             terms = MapTerms(_row_delta(map_, tokens, call.valid))
-        # eager on the CPU the float32 strength as a Python float: the composite would read the tensor back
-        strength = run.number if tokens.is_cpu and not compiling else run.strength_on(tokens.device)
+        strength = run.strength_on(tokens.device)
         out = None
         if run.gated:
             track = self.track_running
@@ -445,7 +442,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
             out = torch.addcmul(tokens, scale if scale.dtype == tokens.dtype else scale.to(tokens.dtype),
                                 terms.shift if layer.spatial_mean else map_.delta(tokens))
         if select:
-            out = torch.where(strength != 0, out, tokens)  # compiled: the strength is the tensor
+            out = torch.where(strength != 0, out, tokens)
         return out if restore is None else restore(out)
 
 
