@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .modules import check_not_compiled, get_module, layer_activation
+from .modules import check_not_compiled, get_module, guard_hooks_under_compile, layer_activation
 
 PreForward = Callable[["HookSet", tuple, dict], None]
 
@@ -95,6 +95,7 @@ class HookSet:
     def __init__(self, root: nn.Module, names: list[str], pre_forward: PreForward | None = None, what: str = "model",
                  elements: dict[str, int] | None = None):
         check_not_compiled(root, what)
+        guard_hooks_under_compile()
         self.root = root
         self.modules = {n: get_module(root, n, what) for n in names}
         self.elements = dict(elements or {})  # {name: i}: read and replace output[i] of a tuple output, not output[0]

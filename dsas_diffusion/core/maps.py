@@ -201,6 +201,9 @@ class LinearAcT(SteeringMap):
                              f"{outside_source_range!r}")
         self.outside_source_range = outside_source_range
         self._slope = self.beta - 1  # once here, not once per layer call
+        # read from the values once, outside any trace: a bool() of a tensor inside a compiled hook
+        # is a graph break; casts and moves (`to`) carry it over
+        self._unbounded = None if torch.compiler.is_compiling() else _all_infinite(self.lo, self.hi)
 
     @classmethod
     def _check_values(cls, tensors, where, fix):
@@ -218,11 +221,25 @@ class LinearAcT(SteeringMap):
         return type(self)(beta=1 + factor * self._slope, alpha=self.alpha * factor, lo=self.lo, hi=self.hi,
                           **self.options())
 
+    def to(self, device=None, dtype=None) -> "LinearAcT":
+        moved = super().to(device, dtype)
+        # a cast can turn large finite bounds into infinities (fp16), never the reverse: the
+        # original's answer holds for the copy, and clamping at an infinite bound changes nothing
+        moved._unbounded = self._unbounded if self._unbounded is not None else moved._unbounded
+        return moved
+
     def delta_form(self):
-        if bool(torch.isinf(self.lo).all() and torch.isinf(self.hi).all()):  # unbounded: the options agree
+        if self._unbounded is None:  # built inside a trace from a map never read outside one
+            self._unbounded = _all_infinite(self.lo, self.hi)
+        if self._unbounded:  # unbounded: the options agree
             return ("affine", self.alpha, self._slope, None, None)
         form = "affine_inside" if self.outside_source_range == "identity" else "affine"
         return (form, self.alpha, self._slope, self.lo, self.hi)
+
+
+def _all_infinite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Fitted with clamp_to_source_range=False: no bound anywhere, so there is nothing to clamp."""
+    return bool(torch.isinf(lo).all() and torch.isinf(hi).all())
 
 
 @register_map("lineas")

@@ -75,7 +75,7 @@ def token_heatmap_html(tokens, lambdas, *, row: int | None = None, mean: bool = 
     """A self-contained HTML fragment: one line per layer (or their mean), each token shaded by its
     lambda (white = not steered, red = fully steered); hovering a token shows the value."""
     tokens, labels, table = _checked(tokens, lambdas, row, mean)
-    lines = [f"<div class='dsas-lambdas' style='font-family:monospace;line-height:1.9'>"]
+    lines = ["<div class='dsas-lambdas' style='font-family:monospace;line-height:1.9'>"]
     if title:
         lines.append(f"<div style='font-weight:bold'>{html.escape(title)}</div>")
     for label, values in zip(labels, table.tolist()):

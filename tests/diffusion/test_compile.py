@@ -74,13 +74,66 @@ def _graphs(sd_dir, component: str, steering) -> Compiled:
     return seen
 
 
+@pytest.fixture(scope="module")
+def linear_act_steering(sd_dir):
+    """Linear-AcT clamped to its source range: a map whose fused form depends on its bounds."""
+    from dsas_diffusion import DSASStableDiffusionPipeline
+    from tests.conftest import CONCEPT_CONTROL, CONCEPT_SOURCE, CONCEPT_TARGET
+
+    pipe = DSASStableDiffusionPipeline.from_pretrained(sd_dir)
+    return pipe.fit_steering(CONCEPT_SOURCE, CONCEPT_TARGET, CONCEPT_CONTROL, method="linear_act",
+                             num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("method", ["mean_shift", "linear_act"])
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
-def test_steering_adds_at_most_one_graph_and_no_break(sd_dir, fitted_steering, component):
+def test_steering_adds_at_most_one_graph_and_no_break(sd_dir, request, component, method):
     """Over multi-step calls with other prompts, strengths (0 included) and return_steering_scales, a
     steered compiled component builds at most one graph more than the stock one (one with the recording
-    op, one without), and never falls back to eager: no graph break, no recompile per step."""
+    op, one without), and never falls back to eager: no graph break, no recompile per step. Linear-AcT
+    once broke the graph in every layer (a bool() of its bounds, read while tracing)."""
+    steering = request.getfixturevalue("fitted_steering" if method == "mean_shift" else "linear_act_steering")
     stock = _graphs(sd_dir, component, None)
-    steered = _graphs(sd_dir, component, fitted_steering)
+    steered = _graphs(sd_dir, component, steering)
     assert stock.graphs == 1 and not stock.breaks
     assert steered.graphs <= stock.graphs + 1, steered
     assert not steered.breaks, steered.breaks
+
+
+def test_a_steered_copy_compiled_after_a_stock_one_runs_its_steering(sd_dir, fitted_steering):
+    """Dynamo traces modules inline and, by default, guards neither on which instance runs nor on empty
+    hook dicts: a steered UNet compiled after a stock one of the same class reused the stock graph and
+    ran unsteered. Attaching steering turns the hook guard on, so the steered copy builds its own."""
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    stock, steered = (DSASStableDiffusionPipeline.from_pretrained(sd_dir) for _ in range(2))
+    for pipe in (stock, steered):
+        pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of a banana on a table"
+    unsteered = stock(prompt, generator=torch.Generator().manual_seed(0), **KW).images
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default, until steering attaches
+        with counting():  # no graph built yet in this process: nothing to warn about
+            steered.set_steering(fitted_steering.subset("unet."))
+        expected = steered(prompt, generator=torch.Generator().manual_seed(0), **KW).images
+        assert not np.allclose(expected, unsteered)
+        with counting() as seen:
+            for pipe in (stock, steered):
+                pipe.unet.compile(backend=seen.backend)
+            np.testing.assert_array_equal(stock(prompt, generator=torch.Generator().manual_seed(0), **KW).images,
+                                          unsteered)  # compiles the stock graph first
+            out = steered(prompt, generator=torch.Generator().manual_seed(0), **KW).images
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert seen.graphs == 2 and not seen.breaks
+
+
+def test_graphs_compiled_before_the_first_attachment_are_warned_about(sd_dir, fitted_steering):
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    stock, steered = (DSASStableDiffusionPipeline.from_pretrained(sd_dir) for _ in range(2))
+    stock.set_progress_bar_config(disable=True)
+    with counting() as seen, torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        stock.unet.compile(backend=seen.backend)
+        stock("a cat", num_inference_steps=1, output_type="latent")
+        with pytest.warns(UserWarning, match=r"compiled with torch.compile before steering.*torch._dynamo.reset\(\)"):
+            steered.set_steering(fitted_steering)
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False

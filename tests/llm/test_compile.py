@@ -58,3 +58,25 @@ def test_generate_builds_as_many_graphs_as_the_stock_model():
 
     stock, steered = graphs(False), graphs(True)
     assert steered <= stock + 1, (stock, steered)
+
+
+def test_a_steered_model_compiled_after_a_stock_one_runs_its_steering():
+    """The other order: the stock copy compiles first. Dynamo guarded neither on the instance nor on
+    empty hook dicts, so the steered copy reused the stock graph and generated unsteered tokens."""
+    from tests.graph_counts import counting
+
+    tokenizer, steering = make_tokenizer(), fitted("llama")
+    plain_model, steered_model = make_model("llama"), make_model("llama")
+    base = generate(plain_model, tokenizer, PROMPTS)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default, until steering attaches
+        with counting():
+            handle = attach(steering, steered_model, strength=2.0)
+        eager = generate(steered_model, tokenizer, PROMPTS)
+        assert not torch.equal(eager[0], base[0])
+        with counting():
+            for m in (plain_model, steered_model):
+                m.compile(backend="aot_eager")
+            assert torch.equal(generate(plain_model, tokenizer, PROMPTS)[0], base[0])
+            compiled = generate(steered_model, tokenizer, PROMPTS)
+    assert torch.equal(compiled[0], eager[0])
+    handle.detach()
