@@ -25,8 +25,8 @@ step() {  # name, timeout in seconds, command...: one log per step; a failing st
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     tail -n 40 "$out/$name.log" | tee -a "$out/summary.txt"
-    # each overhead run rewrites the same results file: keep a copy per step
-    [[ $name == overhead_* ]] && cp benchmarks/results/overhead_full_cuda.json "$out/$name.json" 2>/dev/null
+    # each overhead run writes benchmarks/results/overhead_full_cuda_<sections>.json: keep a copy per step
+    [[ $name == overhead_* ]] && cp benchmarks/results/overhead_full_cuda_*.json "$out/" 2>/dev/null
     echo "== $name: exit $rc" | tee -a "$out/summary.txt"
     [ $rc -eq 0 ] || status=1
 }
@@ -34,7 +34,7 @@ step() {  # name, timeout in seconds, command...: one log per step; a failing st
 step fused_check 90 python3 -m benchmarks.fused_check --device cuda
 step oracle 60 python3 -m benchmarks.oracle --device cuda
 step overhead_eager 120 python3 -m benchmarks.overhead --device cuda --only diffusion --only llm
-step overhead_compiled 120 python3 -m benchmarks.overhead --device cuda --only diffusion --only llm --compile --repeats 3
+step overhead_compiled 120 python3 -m benchmarks.overhead --device cuda --only compiled --repeats 3
 step overhead_families 120 python3 -m benchmarks.overhead --device cuda --only families --repeats 3 --steps 4
 if [ -n "${OUT:-}" ]; then cp -r "$out" "$OUT/"; fi
 exit $status

@@ -12,7 +12,8 @@ from .measure import compare
 from .models import TOKENIZER, llama, lm_steering
 
 
-def llm(args) -> dict:
+def _model(args):
+    """(model, steering, label): the random ~134M Llama, or SmolLM2 with `--smollm2` (None when not installed)."""
     if args.smollm2:
         from . import smollm2
 
@@ -20,19 +21,34 @@ def llm(args) -> dict:
             model, tokenizer = smollm2.load(args.dtype)
         except (FileNotFoundError, ModuleNotFoundError) as e:
             print(f"smollm2: not measured: {e}", flush=True)
-            return {}
-        return measure(model.to(args.device), lm_steering(model, tokenizer), args, "smollm2")
+            return None
+        return model.to(args.device), lm_steering(model, tokenizer), "smollm2"
     from transformers import CLIPTokenizer
 
     model = llama(full=not args.quick, dtype=args.dtype).to(args.device)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)  # any tokenizer with a pad token: ids stay below 512
-    return measure(model, lm_steering(model, tokenizer), args, "llm")
+    return model, lm_steering(model, tokenizer), "llm"
 
 
-def measure(model, steering, args, label: str) -> dict:
-    """Cases `{label} prefill / generate / decode only, batch 1 and 8`: prompts of random ids below 512."""
+def _prompt(args, batch: int) -> dict:
+    """Random ids below 512, the same for plain and steered runs."""
+    ids = torch.randint(3, 512, (batch, 32 if args.quick else 128), generator=torch.Generator().manual_seed(batch))
+    ids = ids.to(args.device)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _new_tokens(args) -> int:
+    return 8 if args.quick else 32
+
+
+def llm(args) -> dict:
+    """Cases `{label} prefill / generate / decode only, batch 1 and 8`, eager."""
     from dsas_diffusion.llm import attach
 
+    loaded = _model(args)
+    if loaded is None:
+        return {}
+    model, steering, label = loaded
     handle = [None]
 
     def plain():
@@ -44,33 +60,22 @@ def measure(model, steering, args, label: str) -> dict:
         plain()
         handle[0] = attach(steering, model, strength=1.0)
 
-    if args.compile:  # compiled copies: a plain one and one whose steering is traced into its graph
-        compiled = copy.deepcopy(model), copy.deepcopy(model)
-        attach(steering, compiled[1], strength=1.0)
-        for m in compiled:
-            m.compile()
-    new_tokens = 8 if args.quick else 32
-    prompt_len = 32 if args.quick else 128
+    new_tokens = _new_tokens(args)
     cases = {}
     for batch in (1, 8):
-        ids = torch.randint(3, 512, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)).to(args.device)
-        mask = torch.ones_like(ids)
+        prompt = _prompt(args, batch)
 
-        def prefill(ids=ids, mask=mask):
-            model(input_ids=ids, attention_mask=mask, use_cache=True)
+        def prefill(prompt=prompt):
+            model(**prompt, use_cache=True)
 
-        def generate(ids=ids, mask=mask):
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0)
+        def generate(prompt=prompt):
+            model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
 
         cases[f"{label} prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
         cases[f"{label} generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
-        if args.compile and batch == 1:  # each batch size costs minutes of compiling
-            cases[f"{label} compiled generate, batch {batch}"] = tuple(
-                functools.partial(m.generate, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) for m in compiled)
     # a call takes a second or less, and decoding is read off as generate minus prefill: more repeats
-    results = compare(cases, args.device, args.llm_repeats or (args.repeats if args.quick else 15))
+    results = compare(cases, args.device, args.repeats if args.quick else args.llm_repeats or 15, report=args.report)
     plain()
     for batch in (1, 8):  # decode alone: generate minus its prefill
         g = results[f"{label} generate {new_tokens} tokens, batch {batch}"]
@@ -82,3 +87,24 @@ def measure(model, steering, args, label: str) -> dict:
             "seconds": steered_decode, "base_seconds": plain_decode,
             "tokens_per_s": batch * new_tokens / steered_decode, "base_tokens_per_s": batch * new_tokens / plain_decode}
     return results
+
+
+def llm_compiled(args) -> dict:
+    """Compiled copies, a plain one and one whose steering is traced into its graph (attached before
+    compiling): generate() at batch 1 only, since each batch size costs minutes of compiling."""
+    from dsas_diffusion.llm import attach
+
+    loaded = _model(args)
+    if loaded is None:
+        return {}
+    model, steering, label = loaded
+    plain_c, steered_c = model, copy.deepcopy(model)
+    attach(steering, steered_c, strength=1.0)
+    for m in (plain_c, steered_c):
+        m.compile()
+    kw = dict(**_prompt(args, 1), max_new_tokens=_new_tokens(args), min_new_tokens=_new_tokens(args),
+              do_sample=False, pad_token_id=0)
+    from .overhead import compare_compiled
+
+    return compare_compiled(f"{label} compiled generate, batch 1", functools.partial(plain_c.generate, **kw),
+                            functools.partial(steered_c.generate, **kw), args)

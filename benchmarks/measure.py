@@ -68,29 +68,48 @@ def timed(fn, device: str) -> tuple[float, int]:
     return seconds, mem["peak"]
 
 
-def compare(cases: dict, device: str, repeats: int, warmup: int = 1) -> dict:
+def graphs_built(fn, calls: int = 2) -> dict:
+    """What torch.compile builds over `calls` calls of `fn` (the first compiles; later ones should
+    only reuse): Dynamo's graph and graph-break counters, read before and after."""
+    from torch._dynamo.utils import counters
+
+    def snapshot():
+        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+    graphs, breaks = snapshot()
+    for _ in range(calls):
+        fn()
+    after = snapshot()
+    return {"graphs": after[0] - graphs, "graph_breaks": after[1] - breaks}
+
+
+def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None) -> dict:
     """cases: {name: (baseline, candidate)}, each a `fn` or `(setup, fn)` (setup runs untimed first).
 
-    Every candidate run follows its own baseline run (A B A C ...), so drift hits both alike;
-    returns per case the medians over the repeats of the time and peak-memory ratios, and of the
-    raw seconds."""
+    One case after another; within a case every candidate run follows its own baseline run
+    (A B A B ...), so drift hits both alike. Returns per case the medians over the repeats of the
+    time and peak-memory ratios, and of the raw seconds; `report(name, result)` is called as each
+    case finishes, so a long run shows its results as it goes."""
     def split(entry):
         return entry if isinstance(entry, tuple) else (lambda: None, entry)
 
-    cases = {name: (split(b), split(c)) for name, (b, c) in cases.items()}
-    for _ in range(warmup):
-        for pair in cases.values():
-            for setup, fn in pair:
+    results = {}
+    for name, (base, cand) in cases.items():
+        (b_setup, b_fn), (c_setup, c_fn) = split(base), split(cand)
+        for _ in range(warmup):
+            for setup, fn in ((b_setup, b_fn), (c_setup, c_fn)):
                 setup()
                 fn()
-    rows = {name: {"time_ratio": [], "mem_ratio": [], "seconds": [], "base_seconds": []} for name in cases}
-    for _ in range(repeats):
-        for name, ((b_setup, b_fn), (c_setup, c_fn)) in cases.items():
+        rows = {"time_ratio": [], "mem_ratio": [], "seconds": [], "base_seconds": []}
+        for _ in range(repeats):
             b_setup()
             base_s, base_m = timed(b_fn, device)
             c_setup()
             s, m = timed(c_fn, device)
             for key, value in (("time_ratio", s / base_s), ("mem_ratio", m / base_m), ("seconds", s),
                                ("base_seconds", base_s)):
-                rows[name][key].append(value)
-    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in rows.items()}
+                rows[key].append(value)
+        results[name] = {k: statistics.median(v) for k, v in rows.items()}
+        if report is not None:
+            report(name, results[name])
+    return results

