@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 
 import torch
 
@@ -75,15 +76,20 @@ def llm(args) -> dict:
         cases[f"{label} prefill, batch {batch}"] = ((plain, prefill), (steered, prefill))
         cases[f"{label} generate {new_tokens} tokens, batch {batch}"] = ((plain, generate), (steered, generate))
     # a call takes a second or less, and decoding is read off as generate minus prefill: more repeats
-    results = compare(cases, args.device, args.repeats if args.quick else args.llm_repeats or 15, report=args.report)
+    # interleaved: a repeat's prefill and generate runs are neighbours in time, so their difference is one
+    # decoding time (cases run one after another, machine drift between them became a decoding ratio)
+    results = compare(cases, args.device, args.repeats if args.quick else args.llm_repeats or 15, report=args.report,
+                      interleave=True)
     plain()
-    for batch in (1, 8):  # decode alone: generate minus its prefill
-        g = results[f"{label} generate {new_tokens} tokens, batch {batch}"]
-        p = results[f"{label} prefill, batch {batch}"]
-        plain_decode = g["base_seconds"] - p["base_seconds"]
-        steered_decode = g["seconds"] - p["seconds"]
+    for batch in (1, 8):  # decode alone: generate minus its prefill, repeat by repeat
+        g = results[f"{label} generate {new_tokens} tokens, batch {batch}"]["runs"]
+        p = results[f"{label} prefill, batch {batch}"]["runs"]
+        steered = [a - b for a, b in zip(g["seconds"], p["seconds"])]
+        plain_ = [a - b for a, b in zip(g["base_seconds"], p["base_seconds"])]
+        steered_decode, plain_decode = statistics.median(steered), statistics.median(plain_)
         results[f"{label} decode only, batch {batch}"] = {
-            "time_ratio": steered_decode / plain_decode, "mem_ratio": g["mem_ratio"],
+            "time_ratio": statistics.median(a / b for a, b in zip(steered, plain_)),
+            "mem_ratio": results[f"{label} generate {new_tokens} tokens, batch {batch}"]["mem_ratio"],
             "seconds": steered_decode, "base_seconds": plain_decode,
             "tokens_per_s": batch * new_tokens / steered_decode, "base_tokens_per_s": batch * new_tokens / plain_decode}
     return results

@@ -83,33 +83,55 @@ def graphs_built(fn, calls: int = 2) -> dict:
     return {"graphs": after[0] - graphs, "graph_breaks": after[1] - breaks}
 
 
-def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None) -> dict:
+def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None, interleave: bool = False) -> dict:
     """cases: {name: (baseline, candidate)}, each a `fn` or `(setup, fn)` (setup runs untimed first).
 
-    One case after another; within a case every candidate run follows its own baseline run
-    (A B A B ...), so drift hits both alike. Returns per case the medians over the repeats of the
-    time and peak-memory ratios, and of the raw seconds; `report(name, result)` is called as each
-    case finishes, so a long run shows its results as it goes."""
+    Every candidate run follows its own baseline run (A B A B ...), so drift hits both alike.
+    One case after another, or with `interleave` every case once per repeat (for cases read off
+    against each other, such as generate minus prefill). Returns per case the medians over the
+    repeats of the time and peak-memory ratios and of the raw seconds, and the raw seconds of each
+    repeat (`runs`); `report(name, result)` is called as each case finishes."""
     def split(entry):
         return entry if isinstance(entry, tuple) else (lambda: None, entry)
 
-    results = {}
-    for name, (base, cand) in cases.items():
-        (b_setup, b_fn), (c_setup, c_fn) = split(base), split(cand)
+    cases = {name: (split(b), split(c)) for name, (b, c) in cases.items()}
+    rows = {name: {"time_ratio": [], "mem_ratio": [], "seconds": [], "base_seconds": []} for name in cases}
+
+    def warm(name):
         for _ in range(warmup):
-            for setup, fn in ((b_setup, b_fn), (c_setup, c_fn)):
+            for setup, fn in cases[name]:
                 setup()
                 fn()
-        rows = {"time_ratio": [], "mem_ratio": [], "seconds": [], "base_seconds": []}
-        for _ in range(repeats):
-            b_setup()
-            base_s, base_m = timed(b_fn, device)
-            c_setup()
-            s, m = timed(c_fn, device)
-            for key, value in (("time_ratio", s / base_s), ("mem_ratio", m / base_m), ("seconds", s),
-                               ("base_seconds", base_s)):
-                rows[key].append(value)
-        results[name] = {k: statistics.median(v) for k, v in rows.items()}
+
+    def once(name):
+        (b_setup, b_fn), (c_setup, c_fn) = cases[name]
+        b_setup()
+        base_s, base_m = timed(b_fn, device)
+        c_setup()
+        s, m = timed(c_fn, device)
+        for key, value in (("time_ratio", s / base_s), ("mem_ratio", m / base_m), ("seconds", s),
+                           ("base_seconds", base_s)):
+            rows[name][key].append(value)
+
+    def finish(name):
+        r = rows[name]
+        result = {k: statistics.median(v) for k, v in r.items()}
+        result["runs"] = {"seconds": r["seconds"], "base_seconds": r["base_seconds"]}
         if report is not None:
-            report(name, results[name])
+            report(name, result)
+        return result
+
+    if interleave:
+        for name in cases:
+            warm(name)
+        for _ in range(repeats):
+            for name in cases:
+                once(name)
+        return {name: finish(name) for name in cases}
+    results = {}
+    for name in cases:
+        warm(name)
+        for _ in range(repeats):
+            once(name)
+        results[name] = finish(name)
     return results
