@@ -102,8 +102,8 @@ def compiled(args) -> dict:
     for p in (stock_c, pipe_c):
         p.set_progress_bar_config(disable=True)
         p.unet.compile()
-    results.update(compare_compiled("diffusion unet attention, compiled UNet", gen(stock_c, PRESENT), gen(pipe_c, PRESENT),
-                                    args))
+    results.update(compare_compiled("diffusion unet attention, compiled UNet", gen(stock_c, PRESENT),
+                                    gen(pipe_c, PRESENT), args))
     return results
 
 

@@ -72,7 +72,7 @@ def guard_hooks_under_compile() -> None:
     from torch._dynamo import config
     from torch._dynamo.utils import counters
 
-    if not config.skip_nnmodule_hook_guards:
+    if not getattr(config, "skip_nnmodule_hook_guards", False):  # guarded already, or a torch without the option
         return
     config.skip_nnmodule_hook_guards = False
     if counters["stats"]["unique_graphs"]:  # Dynamo's own count of the graphs it built in this process
