@@ -201,9 +201,10 @@ class LinearAcT(SteeringMap):
                              f"{outside_source_range!r}")
         self.outside_source_range = outside_source_range
         self._slope = self.beta - 1  # once here, not once per layer call
-        # read from the values once, outside any trace: a bool() of a tensor inside a compiled hook
-        # is a graph break; casts and moves (`to`) carry it over
-        self._unbounded = None if torch.compiler.is_compiling() else _all_infinite(self.lo, self.hi)
+        # whether every bound is infinite: read from the values by the first `delta_form`, which the runtime
+        # calls when it attaches, outside any trace (a bool() of a tensor in a compiled hook is a graph
+        # break); casts and moves (`to`) carry it over
+        self._unbounded: bool | None = None
 
     @classmethod
     def _check_values(cls, tensors, where, fix):
@@ -225,11 +226,11 @@ class LinearAcT(SteeringMap):
         moved = super().to(device, dtype)
         # a cast can turn large finite bounds into infinities (fp16), never the reverse: the
         # original's answer holds for the copy, and clamping at an infinite bound changes nothing
-        moved._unbounded = self._unbounded if self._unbounded is not None else moved._unbounded
+        moved._unbounded = self._unbounded
         return moved
 
     def delta_form(self):
-        if self._unbounded is None:  # built inside a trace from a map never read outside one
+        if self._unbounded is None:
             self._unbounded = _all_infinite(self.lo, self.hi)
         if self._unbounded:  # unbounded: the options agree
             return ("affine", self.alpha, self._slope, None, None)
