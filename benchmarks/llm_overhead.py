@@ -9,7 +9,7 @@ import statistics
 
 import torch
 
-from .measure import compare
+from .measure import compare, compare_compiled
 from .models import TOKENIZER, llama, lm_steering
 
 
@@ -110,7 +110,5 @@ def llm_compiled(args) -> dict:
         m.compile()
     kw = dict(**_prompt(args, 1), max_new_tokens=_new_tokens(args), min_new_tokens=_new_tokens(args),
               do_sample=False, pad_token_id=0)
-    from .overhead import compare_compiled
-
     return compare_compiled(f"{label} compiled generate, batch 1", functools.partial(plain_c.generate, **kw),
-                            functools.partial(steered_c.generate, **kw), args)
+                            functools.partial(steered_c.generate, **kw), args.device, args.repeats, args.report)

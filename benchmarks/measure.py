@@ -135,3 +135,13 @@ def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None
             once(name)
         results[name] = finish(name)
     return results
+
+
+def compare_compiled(case: str, stock, steered, device: str, repeats: int, report) -> dict:
+    """compare() of two compiled callables, with what each built over its first two calls (also
+    the warm-up): steering traced in should add at most one graph and no graph break."""
+    built = {"base": graphs_built(stock), "steered": graphs_built(steered)}
+    result = compare({case: (stock, steered)}, device, repeats, warmup=0)[case]
+    result.update({f"{key}_{who}": n for who, counts in built.items() for key, n in counts.items()})
+    report(case, result)
+    return {case: result}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .llm_overhead import llm, llm_compiled
-from .measure import compare, graphs_built, peak_memory
+from .measure import compare, compare_compiled, peak_memory
 from .models import pipe_steering, prompts, sd_components
 
 RESULTS = Path(__file__).parent / "results"
@@ -103,18 +103,8 @@ def compiled(args) -> dict:
         p.set_progress_bar_config(disable=True)
         p.unet.compile()
     results.update(compare_compiled("diffusion unet attention, compiled UNet", gen(stock_c, PRESENT),
-                                    gen(pipe_c, PRESENT), args))
+                                    gen(pipe_c, PRESENT), args.device, args.repeats, args.report))
     return results
-
-
-def compare_compiled(case: str, stock, steered, args) -> dict:
-    """compare() of two compiled callables, with what each built over its first two calls (also
-    the warm-up): steering traced in should add at most one graph and no graph break."""
-    built = {"base": graphs_built(stock), "steered": graphs_built(steered)}
-    result = compare({case: (stock, steered)}, args.device, args.repeats, warmup=0)[case]
-    result.update({f"{key}_{who}": n for who, counts in built.items() for key, n in counts.items()})
-    args.report(case, result)
-    return {case: result}
 
 
 def families(args) -> dict:
