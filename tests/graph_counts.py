@@ -13,9 +13,11 @@ from torch._dynamo.utils import counters
 class Compiled:
     graphs: int = 0
     breaks: dict = field(default_factory=dict)
+    inputs: list = field(default_factory=list)  # how many inputs each graph takes, in the order built
 
     def backend(self, gm, example_inputs):  # the eager backend, counting the graphs handed to it
         self.graphs += 1
+        self.inputs.append(len(example_inputs))
         return gm.forward
 
 

@@ -46,6 +46,7 @@ class SteeringCall(CallState):
         self.undo: dict[str, tuple[State | None, torch.Tensor]] = {}  # last call: state before it, its logits (B, K, 1)
         self.positions: dict = {}  # `Positions` of the current forward, shared by its layers
         self.history: dict[str, list] = defaultdict(list)  # (B, K, 1) lambdas per call, and `RowsMoved` markers
+        self.pending: dict[str, torch.Tensor] = {}  # lambdas a compiled forward returned, for `history` after it
         self.sequence: Sequence | None = None  # the cached sequence under way, once a cache is followed
 
     def clear(self) -> None:
@@ -54,6 +55,7 @@ class SteeringCall(CallState):
         self.undo.clear()
         self.positions.clear()
         self.history.clear()
+        self.pending.clear()
         self.length = None
         self.sequence = None
 

@@ -128,8 +128,20 @@ class HookSet:
         self._local.call.rows = value
 
     def _attach(self):
-        self._handles.append(self.root.register_forward_pre_hook(
-            lambda m, args, kwargs: self._begin_call(args, kwargs), with_kwargs=True))
+        # the root's pre-hook runs eagerly, also when the root is compiled: torch.compile runs a compiled
+        # module's hooks as frames of their own, and traced, each was a frame with a graph per input shape
+        # and its own guard check at every call (4 frames per decoding step of a language model, whose
+        # pre_forward keeps Python state, against 1 for the forward), for a few ops on masks
+        @torch.compiler.disable
+        def begin_call(module, args, kwargs):
+            self._begin_call(args, kwargs)
+
+        @torch.compiler.disable
+        def end_call(module, args, output):
+            self._end_call()
+
+        self._handles.append(self.root.register_forward_pre_hook(begin_call, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(end_call))
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(name), prepend=self.first))
 
@@ -152,6 +164,9 @@ class HookSet:
         """Runs before every forward of the root: a new call begins."""
         if self._pre_forward is not None:
             self._pre_forward(self, args, kwargs)
+
+    def _end_call(self) -> None:
+        """Runs after every forward of the root, eagerly."""
 
     def _on_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError

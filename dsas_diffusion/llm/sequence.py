@@ -82,9 +82,8 @@ def causal_lm_pre_forward(model: nn.Module) -> PreForward:
     with the cache's rows, and clears it (and the recorded lambdas) when a call starts a new one."""
     names = _positional_names(model)
 
-    # run eagerly, before the compiled graph of the forward: it keeps Python state (the sequence, the
-    # cache it follows) that a graph would have to guard on, and its one tensor op is a slice of the mask
-    @torch.compiler.disable
+    # runs eagerly before a compiled forward, as every root pre-hook does (`HookSet._attach`): it keeps
+    # Python state (the sequence, the cache it follows) that a graph would have to guard on
     def pre_forward(hooks: HookSet, args: tuple, kwargs: dict) -> None:
         named = {**dict(zip(names, args)), **kwargs}
         valid, past = call_tokens(named)

@@ -34,9 +34,10 @@ def test_compiled_steered_generate_matches_eager():
 
 
 def test_generate_builds_as_many_graphs_as_the_stock_model():
-    """Three batch sizes and two strengths: as many graphs as the stock compiled model builds (the
-    strength is a tensor the graph reads, the recorded lambdas go through one op, the running state
-    keeps its strides). The pre-forward hook that follows the KV cache runs eagerly before the graph."""
+    """Three batch sizes and two strengths: as many graphs as the stock compiled model builds, and no
+    graph break (the strength is a tensor the graph reads, the recorded lambdas leave it as outputs,
+    the running state keeps its strides). The root's pre-forward hook, which follows the KV cache,
+    runs eagerly outside the graph: traced, it broke the graph at every decoding step."""
     from tests.graph_counts import counting
 
     tokenizer = make_tokenizer()
@@ -54,10 +55,10 @@ def test_generate_builds_as_many_graphs_as_the_stock_model():
                     assert all(lam.shape[0] == rows for lam in handle.scales.values())
         if handle is not None:
             handle.detach()
-        return seen.graphs
+        return seen.graphs, seen.breaks
 
-    stock, steered = graphs(False), graphs(True)
-    assert steered <= stock + 1, (stock, steered)
+    (stock, stock_breaks), (steered, breaks) = graphs(False), graphs(True)
+    assert steered == stock and not breaks and not stock_breaks, (stock, steered, breaks)
 
 
 def test_a_steered_model_compiled_after_a_stock_one_runs_its_steering():
@@ -80,3 +81,31 @@ def test_a_steered_model_compiled_after_a_stock_one_runs_its_steering():
             compiled = generate(steered_model, tokenizer, PROMPTS)
     assert torch.equal(compiled[0], eager[0])
     handle.detach()
+
+
+def test_the_steering_constants_enter_the_graph_packed():
+    """Every tensor a hook reads from a Python object is an input of the graph, which Dynamo checks at
+    each call; a clamped Linear-AcT has six per steered layer (the gate's weight and bias, the map's
+    shift, slope and bounds). Packed per width and map form, the inputs steering adds to a compiled
+    forward do not grow with the number of layers it steers."""
+    from dsas_diffusion.llm import fit_steering
+    from tests.graph_counts import counting
+    from tests.llm.tiny_lms import CONTROL, SOURCE, TARGET, TINY_FIT
+
+    tokenizer = make_tokenizer()
+    added = {}
+    for layers in (2, 4):
+        steering = fit_steering(make_model("llama", layers=layers), tokenizer, SOURCE, TARGET, CONTROL,
+                                method="linear_act", **TINY_FIT)
+        inputs = []
+        for steered in (False, True):
+            model = make_model("llama", layers=layers)
+            handle = attach(steering, model, strength=2.0) if steered else None
+            with counting() as seen:
+                model.compile(backend=seen.backend)
+                model(**tokenizer(PROMPTS[:1], return_tensors="pt"))
+            inputs.append(seen.inputs[0])
+            if handle is not None:
+                handle.detach()
+        added[layers] = inputs[1] - inputs[0]
+    assert added[4] == added[2], added
