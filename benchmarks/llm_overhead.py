@@ -109,6 +109,9 @@ def llm_compiled(args) -> dict:
     attach(steering, steered_c, strength=1.0)
     for m in (plain_c, steered_c):
         m.compile()
+    # Dynamo's limit of 8 graphs is per code object, shared by both copies: generate() builds 3 per copy and
+    # the decoding steps below 2 more, past which one copy would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     kw = dict(**_prompt(args, 1), max_new_tokens=_new_tokens(args), min_new_tokens=_new_tokens(args),
               do_sample=False, pad_token_id=0)
     generate = f"{label} compiled generate, batch 1"
