@@ -178,15 +178,18 @@ class _LayerRuntime:
         hit = self._cast.get(key)
         if hit is not None:
             return hit
-        # the gate in float32 whatever the model's dtype: in bfloat16 its logits would move lambdas by up to 0.16
-        map_ = self.map.to(x.device, x.dtype)
-        cast = (map_, self.gate.weight.to(x.device, torch.float32).view(1, -1),
-                self.gate.bias.to(x.device, torch.float32).view(1), map_terms(map_))
+        cast = self.cast(*key)
         if not compiling:  # a cache filled while tracing would be a guard that fails next call
             self._cast[key] = cast
-            if packs is not None:  # a (device, dtype) new to this handle: packed for a compiled graph too
-                packs.build(key)
+            packs.build(key)  # a (device, dtype) new to this handle: packed for a compiled graph too
         return cast
+
+    def cast(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """What `on` returns for activations on `device` in `dtype`, made anew."""
+        # the gate in float32 whatever the model's dtype: in bfloat16 its logits would move lambdas by up to 0.16
+        map_ = self.map.to(device, dtype)
+        return (map_, self.gate.weight.to(device, torch.float32).view(1, -1),
+                self.gate.bias.to(device, torch.float32).view(1), map_terms(map_))
 
 
 class _Packs:
@@ -220,7 +223,7 @@ class _Packs:
             return
         packs = {}
         for form, group in self._groups.items():
-            cast = [layer.on(torch.empty(0, device=key[0], dtype=key[1]), False, None) for layer in group]
+            cast = [layer.cast(*key) for layer in group]
             gates = torch.stack([torch.cat([w.view(-1), b.view(-1)]) for _, w, b, _ in cast])
             terms = torch.stack([torch.stack([t for t in c[3][:4] if t is not None]) for c in cast])
             packs[form] = (gates, terms)
