@@ -43,7 +43,8 @@ class SteeringCall(CallState):
         self.continuing = False  # this call extends the sequence of the previous one (KV cache)
         self.length: int | None = None  # tokens of that sequence after the last call; None: unknown
         self.running: dict[str, State] = {}
-        self.undo: dict[str, tuple[State | None, torch.Tensor]] = {}  # last call: state before it, its logits (B, K, 1)
+        # the last call: the state before it, and its logits (B, K, 1), None for a call of one token
+        self.undo: dict[str, tuple[State | None, torch.Tensor | None]] = {}
         self.positions: dict = {}  # `Positions` of the current forward, shared by its layers
         self.history: dict[str, list] = defaultdict(list)  # (B, K, 1) lambdas per call, and `RowsMoved` markers
         self.pending: dict[str, torch.Tensor] = {}  # lambdas a compiled forward returned, for `history` after it
@@ -82,7 +83,8 @@ class Sequence:
         for name, (mean, count) in list(call.running.items()):
             call.running[name] = (move(mean), move(count))
         for name, (prior, proj) in list(call.undo.items()):
-            call.undo[name] = (None if prior is None else (move(prior[0]), move(prior[1])), move(proj))
+            call.undo[name] = (None if prior is None else (move(prior[0]), move(prior[1])),
+                               None if proj is None else move(proj))
         if call.valid is not None:
             call.valid = move(call.valid)
         if call.rows is not None:
@@ -95,7 +97,8 @@ class Sequence:
         """The cache dropped its last `removed` tokens: go back to the state at the kept length, or refuse."""
         call = self.call
         if call.undo:
-            k = next(iter(call.undo.values()))[1].shape[1]
+            last = next(iter(call.undo.values()))[1]
+            k = 1 if last is None else last.shape[1]
             if self.gating == "sequence" and k > 1:
                 self._refuse(
                     "gating='sequence' cannot follow a KV cache that is cropped after a call of several tokens: the "
@@ -120,16 +123,18 @@ class Sequence:
         call = self.call
         valid = call.valid
         for name, (prior, proj) in list(call.undo.items()):
-            # the positions the call counted: its first token is not, when the call started the sequence
-            counted = steered_positions(None if valid is None else valid[:, :kept], proj.shape[0], kept,
-                                        proj.device, self.skip_first and prior is None)
-            v = None if counted is None else counted.to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
+            if proj is None:  # a call of one token, not kept (kept is 0): a stand-in of its rows
+                proj = call.running[name][0]
             if kept == 0:
                 if prior is None:
                     call.running.pop(name, None)
                 else:
                     call.running[name] = prior
             else:
+                # the positions the call counted: its first token is not, when the call started the sequence
+                counted = steered_positions(None if valid is None else valid[:, :kept], proj.shape[0], kept,
+                                            proj.device, self.skip_first and prior is None)
+                v = None if counted is None else counted.to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
                 part = proj[:, :kept]
                 total = (part if v is None else part * v).sum(1, keepdim=True)
                 count = torch.full_like(total, float(kept)) if v is None else v.sum(1, keepdim=True)

@@ -469,7 +469,10 @@ class SteeringHandle(RunOptionAttributes, HookSet):
             pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
                             skip_first=self._skip_first_token, prior_count=None if prior is None else prior[1],
                             starts=not (self.track_running and call.continuing), rows=call.rows)
-            call.positions[key] = pos
+            if not torch.compiler.is_compiling():
+                call.positions[key] = pos
+            # traced, each layer makes its own: the graph's common-subexpression pass merges them into one, and
+            # a cache kept in the call would be a Python object Dynamo rebuilds after every compiled call
         return pos
 
     def _on_output(self, name, x):
@@ -509,7 +512,10 @@ class SteeringHandle(RunOptionAttributes, HookSet):
                                     prior_mean=prior_mean, activation=self._activation, state=track)
             if track:
                 call.running[name] = (mean, pos.count)
-                call.undo[name] = (prior, proj)  # to go back if the KV cache is cropped
+                # to go back if the KV cache is cropped; a crop after a one-token call (a decoding step) can only
+                # drop that token, which needs the state before it and not its logit: not kept, one output of a
+                # compiled step less per layer
+                call.undo[name] = (prior, proj if proj.shape[1] > 1 else None)
         else:  # plain steering: lambda = 1 everywhere
             lam = tokens.new_ones((*tokens.shape[:2], 1), dtype=torch.float32)
             if call.rows is not None:
