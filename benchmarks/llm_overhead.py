@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .measure import compare, compare_compiled, sync
+from .measure import compare, compare_compiled, compile_as_stock, sync, torch_default_guards
 from .models import TOKENIZER, llama, lm_steering
 
 
@@ -107,15 +107,15 @@ def llm_compiled(args) -> dict:
     model, steering, label = loaded
     plain_c, steered_c = model, copy.deepcopy(model)
     attach(steering, steered_c, strength=1.0)
-    for m in (plain_c, steered_c):
-        m.compile()
+    compile_as_stock(plain_c)  # run under torch_default_guards: as in a process without steering
+    steered_c.compile()
     # Dynamo's limit of 8 graphs is per code object, shared by both copies: generate() builds 3 per copy and
     # the decoding steps below 2 more, past which one copy would silently run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     kw = dict(**_prompt(args, 1), max_new_tokens=_new_tokens(args), min_new_tokens=_new_tokens(args),
               do_sample=False, pad_token_id=0)
     generate = f"{label} compiled generate, batch 1"
-    results = compare_compiled(generate, functools.partial(plain_c.generate, **kw),
+    results = compare_compiled(generate, torch_default_guards(functools.partial(plain_c.generate, **kw)),
                                functools.partial(steered_c.generate, **kw), args.device, args.repeats, args.report)
     step = decode_steps(plain_c, steered_c, _prompt(args, 1), args.device, 30 if args.quick else 300)
     step["mem_ratio"] = results[generate]["mem_ratio"]  # a step allocates little: the peak is generate()'s
@@ -130,7 +130,7 @@ def decode_steps(stock, steered, prompt: dict, device: str, pairs: int) -> dict:
     length = prompt["input_ids"].shape[1]
     mask = torch.ones(1, length + 1, dtype=prompt["attention_mask"].dtype, device=device)
     state = {}
-    for name, model in (("base", stock), ("steered", steered)):
+    for name, model in (("base", torch_default_guards(stock)), ("steered", steered)):
         out = model(**prompt, use_cache=True)
         state[name] = (model, out.cache, out.logits[:, -1:].argmax(-1))
 

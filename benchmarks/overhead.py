@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .llm_overhead import llm, llm_compiled
-from .measure import compare, compare_compiled, peak_memory
+from .measure import compare, compare_compiled, compile_as_stock, peak_memory, torch_default_guards
 from .models import pipe_steering, prompts, sd_components
 
 RESULTS = Path(__file__).parent / "results"
@@ -101,8 +101,9 @@ def compiled(args) -> dict:
     pipe_c.set_steering(steering.subset("unet."))
     for p in (stock_c, pipe_c):
         p.set_progress_bar_config(disable=True)
-        p.unet.compile()
-    results.update(compare_compiled("diffusion unet attention, compiled UNet", gen(stock_c, PRESENT),
+    compile_as_stock(stock_c.unet)  # run under torch_default_guards: as in a process without steering
+    pipe_c.unet.compile()
+    results.update(compare_compiled("diffusion unet attention, compiled UNet", torch_default_guards(gen(stock_c, PRESENT)),
                                     gen(pipe_c, PRESENT), args.device, args.repeats, args.report))
     return results
 

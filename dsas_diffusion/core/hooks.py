@@ -16,7 +16,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .modules import check_not_compiled, get_module, guard_hooks_under_compile, layer_activation
+from .hook_guards import enter_steered_forward, epoch_of, guard_hooks_under_compile, hooks_changed, \
+    leave_steered_forward
+from .modules import check_not_compiled, get_module, layer_activation
 
 PreForward = Callable[["HookSet", tuple, dict], None]
 
@@ -102,6 +104,7 @@ class HookSet:
         self._local = _PerThread(self._new_call_state)
         self._pre_forward = pre_forward
         self._handles: list = []
+        self._epoch = epoch_of(root)
 
     def _new_call_state(self) -> CallState:
         return CallState()
@@ -132,23 +135,31 @@ class HookSet:
         # module's hooks as frames of their own, and traced, each was a frame with a graph per input shape
         # and its own guard check at every call (4 frames per decoding step of a language model, whose
         # pre_forward keeps Python state, against 1 for the forward), for a few ops on masks
+        # and the forward traces with torch's default guards on hooks (core/hook_guards.py)
         @torch.compiler.disable
         def begin_call(module, args, kwargs):
+            enter_steered_forward()
             self._begin_call(args, kwargs)
 
         @torch.compiler.disable
         def end_call(module, args, output):
-            self._end_call()
+            try:
+                self._end_call()
+            finally:
+                leave_steered_forward()
 
         self._handles.append(self.root.register_forward_pre_hook(begin_call, with_kwargs=True))
-        self._handles.append(self.root.register_forward_hook(end_call))
+        self._handles.append(self.root.register_forward_hook(end_call, always_call=True))
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(name), prepend=self.first))
+        hooks_changed(self.root)
 
     def _make_hook(self, name: str):
         element = self.elements.get(name, 0)
 
         def hook(module, args, output):
+            if torch.compiler.is_compiling():  # a graph traced here is not reused once hooks change
+                self._epoch.guard()
             x = layer_activation(name, module, output, element)  # refuses a ModelOutput, a dict, ... by name
             if isinstance(output, (tuple, list)):
                 new = self._on_output(name, x)
@@ -174,6 +185,8 @@ class HookSet:
     def remove(self):
         for h in self._handles:
             h.remove()
+        if self._handles:
+            hooks_changed(self.root)
         self._handles.clear()
 
     @property

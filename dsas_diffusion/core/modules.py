@@ -58,31 +58,6 @@ def check_not_compiled(root: nn.Module, what: str = "model") -> None:
         )
 
 
-def guard_hooks_under_compile() -> None:
-    """Make torch.compile tell a hooked module from an unhooked one of the same class.
-
-    By default Dynamo installs no guard on a module's empty hook dicts
-    (`torch._dynamo.config.skip_nnmodule_hook_guards`) and, tracing modules inline, none on which
-    instance it runs: a graph compiled for an unsteered UNet is then reused for a steered UNet
-    compiled later in the process, and the steering silently does not run (measured: a steered copy
-    compiled after a stock one built no graph of its own). With the guard, each compiles its own.
-    Graphs compiled before the first attachment lack it: say so, since only a reset drops them."""
-    import warnings
-
-    from torch._dynamo import config
-    from torch._dynamo.utils import counters
-
-    if not getattr(config, "skip_nnmodule_hook_guards", False):  # guarded already, or a torch without the option
-        return
-    config.skip_nnmodule_hook_guards = False
-    if counters["stats"]["unique_graphs"]:  # Dynamo's own count of the graphs it built in this process
-        warnings.warn(
-            "a module was compiled with torch.compile before steering was first attached in this process; "
-            "torch.compile may reuse such a graph, without the steering, for a steered module of the same class. "
-            "Call torch._dynamo.reset() before compiling the steered module, or attach steering before compiling "
-            "anything", stacklevel=3)
-
-
 def check_weights_loaded(root: nn.Module, what: str = "model") -> None:
     """Weights on the meta device (an empty-weights init, an unfinished offload) have no values, so
     activations read from them would be garbage or fail deep inside torch."""

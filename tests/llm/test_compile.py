@@ -3,6 +3,7 @@ KV-cache running state still advances between decoding steps."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsas_diffusion.llm import attach
@@ -109,3 +110,73 @@ def test_the_steering_constants_enter_the_graph_packed():
                 handle.detach()
         added[layers] = inputs[1] - inputs[0]
     assert added[4] == added[2], added
+
+
+def test_a_steering_attached_under_a_compiled_steered_model_is_not_skipped():
+    """A steered forward traces with torch's default guards on hooks (none on empty hook dicts, which
+    cost about 0.5 ms per compiled decoding step); what they caught, a steering attached later under
+    the compiled module (here to its inner model, which is not compiled itself), is caught by the hook
+    epoch the traced hooks guard on: the graph is rebuilt and the second steering runs."""
+    from tests.graph_counts import counting
+
+    tokenizer, steering = make_tokenizer(), fitted("llama")
+    first, second = steering.layers[0], steering.layers[-1]
+    assert first != second
+
+    def both(model):
+        a = attach(steering, model, strength=2.0, layers=[first])
+        b = steering.attach(model.model, 2.0, prefix="model.", layers=[second], check_model=False)
+        return a, b
+
+    eager_model = make_model("llama")
+    handles = both(eager_model)
+    eager = generate(eager_model, tokenizer, PROMPTS)
+    for h in handles:
+        h.detach()
+    model = make_model("llama")
+    with counting():
+        a = attach(steering, model, strength=2.0, layers=[first])
+        model.compile(backend="aot_eager")
+        only_first = generate(model, tokenizer, PROMPTS)
+        b = steering.attach(model.model, 2.0, prefix="model.", layers=[second], check_model=False)
+        compiled = generate(model, tokenizer, PROMPTS)
+    assert not torch.equal(only_first[0], eager[0])  # the second steering changes the tokens
+    assert torch.equal(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4)
+    a.detach(), b.detach()
+
+
+def test_a_steered_graph_keeps_torchs_default_guards_on_hooks():
+    """No guard on the hook dicts of unhooked modules (six per module, checked at every call): a hook
+    added afterwards to a module the steering does not touch is skipped, as torch.compile skips it on
+    any compiled model, and builds no graph. Outside a steered forward the process keeps the guards,
+    so a stock model compiled later still builds a graph of its own."""
+    from tests.graph_counts import counting
+
+    tokenizer, steering = make_tokenizer(), fitted("llama")
+    model = make_model("llama")
+    handle = attach(steering, model, strength=2.0)
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    with counting() as seen:
+        model.compile(backend=seen.backend)
+        generate(model, tokenizer, PROMPTS)
+        built = seen.graphs
+        extra = model.lm_head.register_forward_hook(lambda module, args, output: None)
+        generate(model, tokenizer, PROMPTS)
+        assert seen.graphs == built and not seen.breaks
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is False  # restored after each forward
+        stock = make_model("llama")
+        stock.compile(backend=seen.backend)
+        generate(stock, tokenizer, PROMPTS)
+        assert seen.graphs > built
+    extra.remove()
+    handle.detach()
+
+
+def test_the_hook_guard_setting_is_restored_when_a_steered_forward_fails():
+    model = make_model("llama")
+    handle = attach(fitted("llama"), model, strength=2.0)
+    with pytest.raises(Exception):
+        model(input_ids=torch.full((1, 3), 10_000))  # past the vocabulary: the embedding fails
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    handle.detach()
