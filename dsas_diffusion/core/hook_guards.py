@@ -53,12 +53,23 @@ def guard_hooks_under_compile() -> None:
             "anything", stacklevel=3)
 
 
+_config = None  # torch._dynamo.config, imported at the first forward rather than on every one
+
+
+def _dynamo_config():
+    global _config
+    if _config is None:
+        from torch._dynamo import config
+
+        _config = config
+    return _config
+
+
 def enter_steered_forward() -> None:
     """A hooked root's forward begins (its eager pre-hook): graphs traced until it ends skip the guards on
     empty hook dicts, as torch's default has it."""
     global _depth, _saved
-    from torch._dynamo import config
-
+    config = _dynamo_config()
     with _lock:
         if _depth == 0:
             _saved = getattr(config, "skip_nnmodule_hook_guards", None)
@@ -70,8 +81,7 @@ def enter_steered_forward() -> None:
 def leave_steered_forward() -> None:
     """The forward ended, returning or raising (an always-called hook): the setting is restored with the last."""
     global _depth, _saved
-    from torch._dynamo import config
-
+    config = _dynamo_config()
     with _lock:
         if _depth == 0:
             return
