@@ -69,6 +69,7 @@ class CallState:
         self.valid: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None
         self.at: torch.Tensor | None = None  # (B, K): the positions an ActivationCapture records running means at
+        self.entered = 0  # forwards of the root begun and not yet ended in this thread
 
 
 class _PerThread(threading.local):
@@ -139,10 +140,15 @@ class HookSet:
         @torch.compiler.disable
         def begin_call(module, args, kwargs):
             enter_steered_forward()
+            self._local.call.entered += 1
             self._begin_call(args, kwargs)
 
         @torch.compiler.disable
         def end_call(module, args, output):
+            call = self._local.call
+            if not call.entered:  # another pre-hook of the root raised before this one's ran
+                return
+            call.entered -= 1
             try:
                 self._end_call()
             finally:
