@@ -68,15 +68,34 @@ def timed(fn, device: str) -> tuple[float, int]:
     return seconds, mem["peak"]
 
 
+def own_graph_cache(module: torch.nn.Module) -> None:
+    """Give `module` a forward with a code object of its own (the same function otherwise).
+
+    Dynamo keeps the graphs of a function on its code object, shared by every instance of a class,
+    and tries the most recently used first: two copies called in turn each evaluated the other's
+    guards before their own at every call [a stock graph compiled with torch's default hook guards
+    passes all of them for a steered copy, which then fails only on the backend]. A copy timed
+    against another must not pay for its neighbour's graphs."""
+    import types
+
+    forward = type(module).forward
+    own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                             forward.__defaults__, forward.__closure__)
+    own.__kwdefaults__, own.__dict__ = forward.__kwdefaults__, dict(forward.__dict__)
+    module.forward = types.MethodType(own, module)
+
+
 def compile_as_stock(module: torch.nn.Module) -> None:
     """Compile `module` as a process without steering would, for the stock side of a compiled case:
-    with a backend object of its own, since Dynamo keys cached graphs on the backend, so no steered
-    module of the same class can reuse its graphs. Call it under `torch_default_guards()`."""
+    graphs of its own (`own_graph_cache`), and a backend object of its own, since Dynamo keys cached
+    graphs on the backend too, so no steered module of the same class can reuse them. Call it under
+    `torch_default_guards()`."""
     from torch._dynamo.backends.inductor import inductor
 
     def stock_inductor(gm, example_inputs, **kwargs):
         return inductor(gm, example_inputs, **kwargs)
 
+    own_graph_cache(module)
     module.compile(backend=stock_inductor)
 
 
