@@ -114,7 +114,7 @@ def test_the_steering_constants_enter_the_graph_packed():
 
 def test_a_steering_attached_under_a_compiled_steered_model_is_not_skipped():
     """A steered forward traces with torch's default guards on hooks (none on empty hook dicts, which
-    cost about 0.5 ms per compiled decoding step); what they caught, a steering attached later under
+    cost about 0.4 ms per compiled decoding step); what they caught, a steering attached later under
     the compiled module (here to its inner model, which is not compiled itself), is caught by the hook
     epoch the traced hooks guard on: the graph is rebuilt and the second steering runs."""
     from tests.graph_counts import counting
