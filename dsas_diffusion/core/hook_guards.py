@@ -35,6 +35,7 @@ def guard_hooks_under_compile() -> None:
     """Make torch.compile tell a hooked module from an unhooked one of the same class (see the module
     docstring). Graphs compiled before the first attachment lack the guard: say so, since only a reset
     drops them."""
+    global _saved
     from torch._dynamo import config
     from torch._dynamo.utils import counters
 
@@ -42,7 +43,6 @@ def guard_hooks_under_compile() -> None:
         return
     with _lock:
         if _depth:  # attached from inside a steered forward: set for after it
-            global _saved
             _saved = False
             return
         config.skip_nnmodule_hook_guards = False
