@@ -15,21 +15,20 @@ cropped back after its step:
 - steered with the hook guards that attaching turns on kept during its own forwards too (what the
   library did before its steered forwards traced with torch's default, `core/hook_guards.py`).
 
-Writes benchmarks/results/compiled_step_<device>.json.
+The models run on the CPU. Writes benchmarks/results/compiled_step_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.llm_overhead import step_times
 from benchmarks.measure import compile_as_stock, own_graph_cache, torch_default_guards
 
 RESULTS = Path(__file__).parent / "results"
@@ -81,28 +80,8 @@ def main() -> None:
     kept.compile()
     copies = {"stock": torch_default_guards(stock), "steered": steered, "steered, hook guards kept": hook_guards_kept(kept)}
     ids = torch.randint(3, 512, (1, 32), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(1, 33, dtype=torch.long)
-    state = {}
-    for name, model in copies.items():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        state[name] = (model, out.cache, out.logits[:, -1:].argmax(-1))
-
-    def step(name: str) -> float:
-        model, cache, token = state[name]
-        start = time.perf_counter()
-        model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-        seconds = time.perf_counter() - start
-        cache.crop(-1)
-        return seconds
-
-    for _ in range(20):  # warm-up: the decoding graphs are built here
-        for name in copies:
-            step(name)
-    times = {name: [] for name in copies}
-    orders = list(itertools.permutations(copies))
-    for i in range(args.rounds):
-        for name in orders[i % len(orders)]:
-            times[name].append(step(name))
+    times = step_times(copies, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "cpu", args.rounds,
+                       warmup=20)
     result = {"rounds": args.rounds, "stock_us": statistics.median(times["stock"]) * 1e6, "cases": {}}
     for name in ("steered", "steered, hook guards kept"):
         added = [(a - b) * 1e6 for a, b in zip(times[name], times["stock"])]
@@ -112,7 +91,7 @@ def main() -> None:
         print(f"{name:28s} +{statistics.median(added):6.0f} us per step over stock "
               f"({statistics.median(times[name]) * 1e6:.0f} us against {result['stock_us']:.0f} us; "
               f"middle half of the rounds +{q[0]:.0f} .. +{q[2]:.0f} us)")
-    out = RESULTS / f"compiled_step_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    out = RESULTS / "compiled_step_cpu.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

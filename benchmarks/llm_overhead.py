@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import statistics
 import time
 
@@ -127,10 +128,22 @@ def decode_steps(stock, steered, prompt: dict, device: str, pairs: int) -> dict:
     each cache cropped back after its step so every step continues the same prompt: a 30-50 ms step
     repeated hundreds of times reads a difference of 1 % that whole generate() calls on a shared
     machine do not (their pairs ranged over +-9 %). The ratio is the median of the per-pair ratios."""
+    times = step_times({"base": torch_default_guards(stock), "steered": steered}, prompt, device, pairs, warmup=5)
+    base, steered_s = times["base"], times["steered"]
+    return {"time_ratio": statistics.median(a / b for a, b in zip(steered_s, base)),
+            "seconds": statistics.median(steered_s), "base_seconds": statistics.median(base), "pairs": pairs,
+            "runs": {"seconds": steered_s, "base_seconds": base}}
+
+
+def step_times(models: dict, prompt: dict, device: str, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of single cached decoding steps of each model (name -> callable LM) after `prompt` (batch 1),
+    one step of each per round, the order rotating through every permutation of them; each cache is
+    cropped back after its step, so every step continues the same prompt. `warmup` rounds first,
+    untimed: the decoding graphs of compiled models are built there."""
     length = prompt["input_ids"].shape[1]
     mask = torch.ones(1, length + 1, dtype=prompt["attention_mask"].dtype, device=device)
     state = {}
-    for name, model in (("base", torch_default_guards(stock)), ("steered", steered)):
+    for name, model in models.items():
         out = model(**prompt, use_cache=True)
         state[name] = (model, out.cache, out.logits[:, -1:].argmax(-1))
 
@@ -144,14 +157,12 @@ def decode_steps(stock, steered, prompt: dict, device: str, pairs: int) -> dict:
         cache.crop(-1)  # back to the prompt (the steering's running state follows the crop)
         return seconds
 
-    for _ in range(5):  # warm-up: the decoding graphs are built here
-        step("base"), step("steered")
-    base, steered_s = [], []
-    for i in range(pairs):
-        order = ("base", "steered") if i % 2 == 0 else ("steered", "base")
-        t = {name: step(name) for name in order}
-        base.append(t["base"])
-        steered_s.append(t["steered"])
-    return {"time_ratio": statistics.median(a / b for a, b in zip(steered_s, base)),
-            "seconds": statistics.median(steered_s), "base_seconds": statistics.median(base), "pairs": pairs,
-            "runs": {"seconds": steered_s, "base_seconds": base}}
+    for _ in range(warmup):
+        for name in models:
+            step(name)
+    times = {name: [] for name in models}
+    orders = list(itertools.permutations(models))
+    for i in range(rounds):
+        for name in orders[i % len(orders)]:
+            times[name].append(step(name))
+    return times
