@@ -29,6 +29,16 @@ from torch import nn
 _lock = threading.Lock()
 _depth = 0  # steered forwards running now, in any thread
 _saved: bool | None = None  # the setting they replaced
+_config = None  # torch._dynamo.config, imported once, not at every forward
+
+
+def _dynamo_config():
+    global _config
+    if _config is None:
+        from torch._dynamo import config
+
+        _config = config
+    return _config
 
 
 def guard_hooks_under_compile() -> None:
@@ -36,9 +46,9 @@ def guard_hooks_under_compile() -> None:
     docstring). Graphs compiled before the first attachment lack the guard: say so, since only a reset
     drops them."""
     global _saved
-    from torch._dynamo import config
     from torch._dynamo.utils import counters
 
+    config = _dynamo_config()
     if not getattr(config, "skip_nnmodule_hook_guards", False):  # guarded already, or a torch without the option
         return
     with _lock:
@@ -52,18 +62,6 @@ def guard_hooks_under_compile() -> None:
             "torch.compile may reuse such a graph, without the steering, for a steered module of the same class. "
             "Call torch._dynamo.reset() before compiling the steered module, or attach steering before compiling "
             "anything", stacklevel=3)
-
-
-_config = None  # torch._dynamo.config, imported at the first forward rather than on every one
-
-
-def _dynamo_config():
-    global _config
-    if _config is None:
-        from torch._dynamo import config
-
-        _config = config
-    return _config
 
 
 def enter_steered_forward() -> None:
