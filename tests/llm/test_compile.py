@@ -134,12 +134,15 @@ def test_a_steering_attached_under_a_compiled_steered_model_is_not_skipped():
     for h in handles:
         h.detach()
     model = make_model("llama")
-    with counting():
+    with counting() as seen:
         a = attach(steering, model, strength=2.0, layers=[first])
-        model.compile(backend="aot_eager")
+        model.compile(backend=seen.backend)
         only_first = generate(model, tokenizer, PROMPTS)
+        built = seen.graphs
+        assert generate(model, tokenizer, PROMPTS)[0].equal(only_first[0]) and seen.graphs == built  # reused
         b = steering.attach(model.model, 2.0, prefix="model.", layers=[second], check_model=False)
         compiled = generate(model, tokenizer, PROMPTS)
+        assert seen.graphs > built  # rebuilt with the second steering traced in
     assert not torch.equal(only_first[0], eager[0])  # the second steering changes the tokens
     assert torch.equal(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4)
