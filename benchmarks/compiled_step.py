@@ -148,29 +148,26 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     stock = narrow_llama()
     steering = lm_steering(stock, CLIPTokenizer.from_pretrained(TOKENIZER))
-    steered, kept = copy.deepcopy(stock), copy.deepcopy(stock)
-    attach(steering, steered, strength=1.0)
-    attach(steering, kept, strength=1.0)
-    compile_as_stock(stock)
-    steered.compile()
-    own_graph_cache(kept)  # else each of the steered copies would try the other's graphs first
-    kept.compile()
-    copies = {"stock": torch_default_guards(stock), "steered": steered, "steered, hook guards kept": hook_guards_kept(kept)}
+    clock = PhaseClock() if args.phases else None
+
+    def compiled_copy(strength: float, backend="inductor"):
+        """A copy of the stock model, steered, compiled with graphs of its own (else each copy would try
+        the others' graphs first). Made before the stock model is compiled, never copied from it."""
+        model = copy.deepcopy(stock)
+        attach(steering, model, strength=strength)
+        own_graph_cache(model)
+        model.compile(backend=backend)
+        return model
+
+    copies = {"steered": compiled_copy(1.0), "steered, hook guards kept": hook_guards_kept(compiled_copy(1.0))}
     phases = {}
-    if args.phases:
-        clock = PhaseClock()
-        off = copy.deepcopy(stock)
-        attach(steering, off, strength=0.0)
-        own_graph_cache(off)
-        off.compile(backend=clock.backend())
-        # the steered copy again, compiled through the clock's backend: the plain one stays as it was
-        on = copy.deepcopy(stock)
-        attach(steering, on, strength=1.0)
-        own_graph_cache(on)
-        on.compile(backend=clock.backend())
+    if clock is not None:
+        # a steered copy again and one at strength 0, through the clock's backend: the plain one stays as it was
         phases = {"steered (phases)": [], "strength 0 (phases)": []}
-        copies["steered (phases)"] = clock.timed(on, phases["steered (phases)"])
-        copies["strength 0 (phases)"] = clock.timed(off, phases["strength 0 (phases)"])
+        copies["steered (phases)"] = clock.timed(compiled_copy(1.0, clock.backend()), phases["steered (phases)"])
+        copies["strength 0 (phases)"] = clock.timed(compiled_copy(0.0, clock.backend()), phases["strength 0 (phases)"])
+    compile_as_stock(stock)
+    copies = {"stock": torch_default_guards(stock), **copies}
     ids = torch.randint(3, 512, (1, 32), generator=torch.Generator().manual_seed(1))
     times = step_times(copies, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "cpu", args.rounds,
                        warmup=20)
@@ -186,16 +183,14 @@ def main() -> None:
     if phases:
         print("\nphases of a step (PhaseClock), median us:")
         print(f"{'':24s}" + "".join(f"{p:>25s}" for p in PHASES))
-        result["phases_us"] = {}
-        for name, rows in phases.items():
-            rows = rows[-args.rounds:]
-            result["phases_us"][name] = {p: statistics.median(r[i] for r in rows) * 1e6 for i, p in enumerate(PHASES)}
-            print(f"{name:24s}" + "".join(f"{result['phases_us'][name][p]:25.0f}" for p in PHASES))
-        added = [statistics.median(a[i] - b[i] for a, b in zip(phases["steered (phases)"][-args.rounds:],
-                                                                   phases["strength 0 (phases)"][-args.rounds:])) * 1e6
-                 for i in range(len(PHASES))]
-        result["phases_us"]["steered minus strength 0"] = dict(zip(PHASES, added))
-        print(f"{'steered - strength 0':24s}" + "".join(f"{a:+25.0f}" for a in added))
+        timed = {name: rows[-args.rounds:] for name, rows in phases.items()}  # the warm-up's left out
+        timed["steered minus strength 0"] = [[a - b for a, b in zip(*rows)]
+                                             for rows in zip(timed["steered (phases)"], timed["strength 0 (phases)"])]
+        result["phases_us"] = {name: {p: statistics.median(r[i] for r in rows) * 1e6 for i, p in enumerate(PHASES)}
+                               for name, rows in timed.items()}
+        for name, medians in result["phases_us"].items():
+            sign = "+" if name == "steered minus strength 0" else ""
+            print(f"{name:24s}" + "".join(f"{medians[p]:{sign}25.0f}" for p in PHASES))
     out = RESULTS / "compiled_step_cpu.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
