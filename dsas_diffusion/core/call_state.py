@@ -43,9 +43,14 @@ class SteeringCall(CallState):
         self.continuing = False  # this call extends the sequence of the previous one (KV cache)
         self.length: int | None = None  # tokens of that sequence after the last call; None: unknown
         self.running: dict[str, State] = {}
-        # the last call: the state before it, and its logits (B, K, 1), None for a call of one token
-        self.undo: dict[str, tuple[State | None, torch.Tensor | None]] = {}
-        self.positions: dict = {}  # `Positions` of the current forward, shared by its layers
+        # to go back within the last call when the KV cache is cropped: the running state as the call began
+        # (taken eagerly when a forward begins, so a compiled decoding step does not store it per layer, which
+        # Dynamo replayed after the graph), its new tokens, and, for a call of several tokens, each layer's
+        # logits (B, K, 1)
+        self.before: dict[str, State] = {}
+        self.tokens: int | None = None
+        self.undo: dict[str, torch.Tensor] = {}
+        self.positions: list = []  # ((kind, B, K, fresh), `Positions`) of the current forward, shared by its layers
         self.history: dict[str, list] = defaultdict(list)  # (B, K, 1) lambdas per call, and `RowsMoved` markers
         self.pending: dict[str, torch.Tensor] = {}  # lambdas a compiled forward returned, for `history` after it
         self.sequence: Sequence | None = None  # the cached sequence under way, once a cache is followed
@@ -53,6 +58,8 @@ class SteeringCall(CallState):
     def clear(self) -> None:
         """Forget the sequence under way; the cache it followed no longer moves this state."""
         self.running.clear()
+        self.before.clear()
+        self.tokens = None
         self.undo.clear()
         self.positions.clear()
         self.history.clear()
@@ -82,9 +89,10 @@ class Sequence:
         call = self.call
         for name, (mean, count) in list(call.running.items()):
             call.running[name] = (move(mean), move(count))
-        for name, (prior, proj) in list(call.undo.items()):
-            call.undo[name] = (None if prior is None else (move(prior[0]), move(prior[1])),
-                               None if proj is None else move(proj))
+        for name, (mean, count) in list(call.before.items()):
+            call.before[name] = (move(mean), move(count))
+        for name, proj in list(call.undo.items()):
+            call.undo[name] = move(proj)
         if call.valid is not None:
             call.valid = move(call.valid)
         if call.rows is not None:
@@ -96,9 +104,9 @@ class Sequence:
     def cropped(self, removed: int) -> None:
         """The cache dropped its last `removed` tokens: go back to the state at the kept length, or refuse."""
         call = self.call
-        if call.undo:
-            last = next(iter(call.undo.values()))[1]
-            k = 1 if last is None else last.shape[1]
+        if removed > 0 and (call.running or call.before):
+            # the positions the steered layers saw, else the tokens the pre_forward counted (the call steered none)
+            k = next(iter(call.undo.values())).shape[1] if call.undo else call.tokens if call.tokens is not None else 1
             if self.gating == "sequence" and k > 1:
                 self._refuse(
                     "gating='sequence' cannot follow a KV cache that is cropped after a call of several tokens: the "
@@ -111,8 +119,7 @@ class Sequence:
                     f"the KV cache was cropped by {removed} tokens, but the running gate state ({self.gating} gating) "
                     f"can only go back within the last forward call ({k} tokens): crop at most that many tokens "
                     "after a call, or start a new generation")
-            if removed > 0:
-                self._go_back(k - removed)
+            self._go_back(k - removed)
         if removed > 0:
             for chunks in call.history.values():
                 _drop_last_tokens(chunks, removed)
@@ -122,10 +129,9 @@ class Sequence:
     def _go_back(self, kept: int) -> None:
         call = self.call
         valid = call.valid
-        for name, (prior, proj) in list(call.undo.items()):
-            if proj is None:  # a call of one token, not kept (kept is 0): a stand-in of its rows
-                proj = call.running[name][0]
-            if kept == 0:
+        for name in {**call.running, **call.before}:
+            prior, proj = call.before.get(name), call.undo.get(name)
+            if kept == 0 or proj is None:  # back to where the call began; or a layer the call did not move
                 if prior is None:
                     call.running.pop(name, None)
                 else:
@@ -141,7 +147,9 @@ class Sequence:
                 if prior is not None:
                     total, count = torch.addcmul(total, prior[0], prior[1]), count + prior[1]
                 call.running[name] = (total / count.clamp_min(1), count)
-            call.undo[name] = (prior, proj[:, :kept])
+            if proj is not None:
+                call.undo[name] = proj[:, :kept]
+        call.tokens = kept
         if valid is not None:
             call.valid = valid[:, :kept]
         call.positions.clear()

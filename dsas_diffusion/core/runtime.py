@@ -76,7 +76,10 @@ def positions(
         valid = steered_positions(valid, b, k, device, True)
     vf = None if valid is None else valid.to(device=device, dtype=torch.float32).unsqueeze(-1)
     if vf is None:
-        count = torch.full((b, 1, 1), float(k), device=device) if prior_count is None else prior_count + k
+        # k as it is, not float(k): compiled, that would make the number of positions a constant of the graph (a
+        # graph per prompt length where a call has no mask, as GPT-1's generate() without a KV cache)
+        count = torch.full((b, 1, 1), k, dtype=torch.float32, device=device) if prior_count is None \
+            else prior_count + k
     else:
         n = vf if k == 1 else vf.sum(1, keepdim=True)
         count = n if prior_count is None else prior_count + n
@@ -416,6 +419,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         interleaved in one thread): its running state is not this one, so the call is refused."""
         self.track_running = True
         call = self._local.call
+        call.tokens = new
         continuing = past > 0
         call.continuing = continuing
         if not continuing:
@@ -446,7 +450,9 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         first = self._first_weight  # moved or cast since attaching (pipe.to("cuda")): pack for it too
         if first is not None and first.device.type != "meta":
             self._packs.build((first.device, first.dtype))
-        super()._begin_call(args, kwargs)
+        super()._begin_call(args, kwargs)  # the pre_forward: a new sequence clears the running state
+        call.before = dict(call.running)  # what a crop of this call's tokens goes back to (`Sequence.cropped`)
+        call.undo.clear()
 
     def _end_call(self):
         """File the lambdas a compiled forward returned (`_on_output`), if this thread's calls were on."""
@@ -460,19 +466,21 @@ class SteeringHandle(RunOptionAttributes, HookSet):
 
     def _positions(self, call: SteeringCall, kind: LayerKind, tokens: torch.Tensor, prior: State | None) -> Positions:
         """This call's `Positions`, computed by the first layer that needs them and shared by the rest.
-        The cache is emptied when a call begins (and when the rows or length it depends on move); its
-        key holds no tensor identity, which a compiled graph would have to guard on."""
+        The cache is emptied when a call begins (and when the rows or length it depends on move). Its keys
+        hold no tensor identity, which a compiled graph would have to guard on, and are compared, not hashed:
+        hashing a dynamic size makes it a constant of the graph (one graph per prompt length and batch size)."""
         b, k = tokens.shape[:2]
-        key = (kind, b, k, prior is None)  # one call runs on one device
-        pos = call.positions.get(key)
-        if pos is None:
-            pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
-                            skip_first=self._skip_first_token, prior_count=None if prior is None else prior[1],
-                            starts=not (self.track_running and call.continuing), rows=call.rows)
-            # traced too: without it each layer read its own running count, the same tensor, as an input of
-            # its own (12 more graph inputs on a 12-layer Llama; its compiled call read about 50 us slower in one
-            # comparison)
-            call.positions[key] = pos
+        fresh = prior is None  # one call runs on one device
+        for (kind_, b_, k_, fresh_), pos in call.positions:
+            if kind_ == kind and fresh_ == fresh and b_ == b and k_ == k:
+                return pos
+        pos = positions(b, k, tokens.device, gating=self._gating, kind=kind, valid=call.valid,
+                        skip_first=self._skip_first_token, prior_count=None if prior is None else prior[1],
+                        starts=not (self.track_running and call.continuing), rows=call.rows)
+        # traced too: without it each layer read its own running count, the same tensor, as an input of
+        # its own (12 more graph inputs on a 12-layer Llama; its compiled call read about 50 us slower in one
+        # comparison)
+        call.positions.append(((kind, b, k, fresh), pos))
         return pos
 
     def _on_output(self, name, x):
@@ -512,10 +520,10 @@ class SteeringHandle(RunOptionAttributes, HookSet):
                                     prior_mean=prior_mean, activation=self._activation, state=track)
             if track:
                 call.running[name] = (mean, pos.count)
-                # to go back if the KV cache is cropped; a crop after a one-token call (a decoding step) can only
-                # drop that token, which needs the state before it and not its logit: not kept, one output of a
-                # compiled step less per layer
-                call.undo[name] = (prior, proj if proj.shape[1] > 1 else None)
+                # to go back if the KV cache is cropped (with `call.before`); a crop after a one-token call (a
+                # decoding step) can only drop that token, which needs the state before it and not its logit
+                if proj.shape[1] > 1:
+                    call.undo[name] = proj
         else:  # plain steering: lambda = 1 everywhere
             lam = tokens.new_ones((*tokens.shape[:2], 1), dtype=torch.float32)
             if call.rows is not None:

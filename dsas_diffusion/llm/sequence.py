@@ -57,7 +57,10 @@ def call_tokens(kwargs: dict) -> tuple[torch.Tensor | None, int]:
     k = _new_tokens(kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and k is not None and mask.shape[1] >= k:
-        return mask[:, mask.shape[1] - k:].bool(), mask.shape[1] - k
+        # copied out, not a view: a view keeps the mask's row stride, which grows every decoding step, and a
+        # compiled step would take it (and the running state computed from it) as a symbol to guard on
+        valid = torch.empty(mask.shape[0], k, dtype=torch.bool, device=mask.device)
+        return valid.copy_(mask[:, mask.shape[1] - k:]), mask.shape[1] - k
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     return None, cache_length(cache)
 

@@ -137,3 +137,30 @@ def test_graphs_compiled_before_the_first_attachment_are_warned_about(sd_dir, fi
         with pytest.warns(UserWarning, match=r"compiled with torch.compile before steering.*torch._dynamo.reset\(\)"):
             steered.set_steering(fitted_steering)
         assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+
+
+SHAPES = [(32, 1), (48, 1), (64, 1), (32, 2), (32, 3), (64, 2)]  # (pixels, images per prompt)
+
+
+def _graphs_over_shapes(sd_dir, steering) -> Compiled:
+    from dsas_diffusion import DSASStableDiffusionPipeline
+
+    pipe = DSASStableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if steering is not None:
+        pipe.set_steering(steering)
+    with counting() as seen:
+        pipe.unet.compile(backend=seen.backend)
+        for pixels, images in SHAPES:
+            pipe("a photo of a banana on a table", height=pixels, width=pixels, num_images_per_prompt=images,
+                 num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    return seen
+
+
+def test_a_steered_unet_follows_new_resolutions_and_batch_sizes_with_the_stock_graphs(sd_dir, fitted_steering):
+    """Dynamo makes a size dynamic once it changes, so over these shapes the stock UNet builds 3 graphs, not
+    one per shape. The steered one must build as many: the per-call cache of positions once hashed the
+    sizes into its key, which made them constants of the graph (6 graphs against 3)."""
+    stock = _graphs_over_shapes(sd_dir, None)
+    steered = _graphs_over_shapes(sd_dir, fitted_steering)
+    assert steered.graphs == stock.graphs and not steered.breaks and not stock.breaks, (stock, steered)

@@ -155,6 +155,26 @@ def test_cropping_further_back_than_the_last_call_is_refused():
             _forward(model, torch.tensor([[9]]), torch.ones(1, enc["input_ids"].shape[1], dtype=torch.long), cache)
 
 
+def test_a_crop_after_a_call_switched_off_goes_back_to_where_that_call_began():
+    """A call at strength 0 leaves the running state as it was; cropping its token takes the state back to
+    where that call began (the end of the prompt), not into the prompt, the last call that moved it."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    length = enc["input_ids"].shape[1]
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal") as handle:
+        cache = DynamicCache(config=model.config)
+        _forward(model, enc["input_ids"], enc["attention_mask"], cache)
+        after_prompt = dict(handle.running)
+        with handle.local_options(strength=0.0):
+            _forward(model, torch.tensor([[7]]), torch.ones(1, length + 1, dtype=torch.long), cache)
+        cache.crop(-1)
+        assert handle.running.keys() == after_prompt.keys()
+        for name, (mean, count) in handle.running.items():
+            assert torch.equal(mean, after_prompt[name][0]) and torch.equal(count, after_prompt[name][1])
+        with pytest.raises(ValueError, match="cropped by 1 tokens.*only go back within the last forward call"):
+            cache.crop(-1)  # the crop above took the off call back to its start: nothing of it is left
+
+
 def test_a_copy_of_a_followed_cache_moves_its_own_rows():
     model, tokenizer = make_model("llama"), make_tokenizer()
     enc = tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
