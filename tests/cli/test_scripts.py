@@ -15,7 +15,7 @@ MODULES = ["dsas_diffusion", "dsas_diffusion.toy.lm_eval", "dsas_diffusion.toy.t
            "dsas_diffusion.toy.train_t2i", "dsas_diffusion.toy.train_dit", "benchmarks.overhead", "benchmarks.oracle",
            "benchmarks.toy_worlds", "benchmarks.fused_check", "benchmarks.act_options", "benchmarks.gate_sweep",
            "benchmarks.toy_learned_t2i", "benchmarks.toy_lm_defaults", "benchmarks.real_lm", "benchmarks.real_lm.defaults",
-           "benchmarks.compiled_step"]
+           "benchmarks.compiled_step", "benchmarks.graph_counts"]
 SCRIPTS = ["assets/build_tiny_clip_tokenizer.py", "assets/build_tiny_t5_tokenizer.py"]
 SECONDS = 30  # parsing takes milliseconds; any real work (training, a sweep) takes minutes
 
