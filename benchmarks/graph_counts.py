@@ -24,22 +24,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def lm_counts(family: str) -> dict:
-    from dsas_diffusion.llm import attach
-    from tests.graph_counts import counting
-    from tests.llm.tiny_lms import PROMPTS, fitted, generate, make_model, make_tokenizer
+    from tests.graph_counts import generate_graphs
 
-    tokenizer, counts = make_tokenizer(), {}
-    for side in ("stock", "steered"):
-        model = make_model(family)
-        handle = attach(fitted(family), model, strength=2.0) if side == "steered" else None
-        with counting() as seen:
-            model.compile(backend=seen.backend)
-            for rows, strength in ((2, 2.0), (3, 1.0), (1, 2.0)):
-                if handle is not None:
-                    handle.strength = strength
-                generate(model, tokenizer, PROMPTS[:rows])
-        counts[side] = (seen.graphs, sum(seen.breaks.values()))
-    return counts
+    return {side: (seen.graphs, sum(seen.breaks.values()))
+            for side, seen in (("stock", generate_graphs(family, False)), ("steered", generate_graphs(family, True)))}
 
 
 def pipeline_counts(family: str) -> dict:

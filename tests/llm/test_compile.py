@@ -42,27 +42,10 @@ def test_generate_builds_as_many_graphs_as_the_stock_model(family):
     runs eagerly outside the graph: traced, it broke the graph at every decoding step. GPT-1 has no
     KV cache: each step runs the whole sequence, so the prompt length must stay a dynamic size of
     the graph (hashed into a cache key, it made one graph per length: 18 against 4)."""
-    from tests.graph_counts import counting
+    from tests.graph_counts import generate_graphs
 
-    tokenizer = make_tokenizer()
-
-    def graphs(steered: bool) -> int:
-        model = make_model(family)
-        handle = attach(fitted(family), model, strength=2.0) if steered else None
-        with counting() as seen:
-            model.compile(backend=seen.backend)
-            for rows, strength in ((2, 2.0), (3, 1.0), (1, 2.0)):
-                if handle is not None:
-                    handle.strength = strength
-                generate(model, tokenizer, PROMPTS[:rows])
-                if handle is not None:  # the lambdas of every token were recorded from inside the graph
-                    assert all(lam.shape[0] == rows for lam in handle.scales.values())
-        if handle is not None:
-            handle.detach()
-        return seen.graphs, seen.breaks
-
-    (stock, stock_breaks), (steered, breaks) = graphs(False), graphs(True)
-    assert steered == stock and not breaks and not stock_breaks, (stock, steered, breaks)
+    stock, steered = generate_graphs(family, False), generate_graphs(family, True)
+    assert steered.graphs == stock.graphs and not steered.breaks and not stock.breaks, (stock, steered)
 
 
 def test_a_steered_model_compiled_after_a_stock_one_runs_its_steering():
