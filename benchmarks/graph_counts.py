@@ -34,7 +34,7 @@ def pipeline_counts(family: str) -> dict:
     from tests.conftest import CONCEPT_CONTROL, CONCEPT_SOURCE, CONCEPT_TARGET
     from tests.diffusion.test_families import pipeline_kwargs
     from tests.diffusion.tiny_pipelines import CALL_KWARGS
-    from tests.graph_counts import counting
+    from tests.graph_counts import shape_graphs
 
     size = CALL_KWARGS[family]["height"]
     call = {k: v for k, v in CALL_KWARGS[family].items() if k not in ("height", "width")}
@@ -47,12 +47,7 @@ def pipeline_counts(family: str) -> dict:
         pipe = _pipeline(family)
         if side == "steered":
             pipe.set_steering(steering)
-        denoiser = getattr(pipe, "transformer", None) or pipe.unet
-        with counting() as seen:
-            denoiser.compile(backend=seen.backend)
-            for pixels, images in shapes:
-                pipe("a photo of a banana", height=pixels, width=pixels, num_images_per_prompt=images,
-                     generator=torch.Generator().manual_seed(0), **call)
+        seen = shape_graphs(pipe, shapes, **call)
         counts[side] = (seen.graphs, sum(seen.breaks.values()))
     return counts
 

@@ -53,3 +53,14 @@ def generate_graphs(family: str, steered: bool) -> Compiled:
     if handle is not None:
         handle.detach()
     return seen
+
+
+def shape_graphs(pipe, shapes, **call) -> Compiled:
+    """What a pipeline's denoiser builds compiled, over calls at each (pixels, images per prompt) of `shapes`."""
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    with counting() as seen:
+        denoiser.compile(backend=seen.backend)
+        for pixels, images in shapes:
+            pipe("a photo of a banana on a table", height=pixels, width=pixels, num_images_per_prompt=images,
+                 generator=torch.Generator().manual_seed(0), **call)
+    return seen

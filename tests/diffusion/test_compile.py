@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.graph_counts import Compiled, counting
+from tests.graph_counts import Compiled, counting, shape_graphs
 
 KW = dict(num_inference_steps=2, output_type="np")
 
@@ -149,12 +149,7 @@ def _graphs_over_shapes(sd_dir, steering) -> Compiled:
     pipe.set_progress_bar_config(disable=True)
     if steering is not None:
         pipe.set_steering(steering)
-    with counting() as seen:
-        pipe.unet.compile(backend=seen.backend)
-        for pixels, images in SHAPES:
-            pipe("a photo of a banana on a table", height=pixels, width=pixels, num_images_per_prompt=images,
-                 num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
-    return seen
+    return shape_graphs(pipe, SHAPES, num_inference_steps=2, output_type="np")
 
 
 def test_a_steered_unet_follows_new_resolutions_and_batch_sizes_with_the_stock_graphs(sd_dir, fitted_steering):
