@@ -81,7 +81,7 @@ def llm(args) -> dict:
     # interleaved: a repeat's prefill and generate runs are neighbours in time, so their difference is one
     # decoding time (cases run one after another, machine drift between them became a decoding ratio)
     results = compare(cases, args.device, args.repeats if args.quick else args.llm_repeats or 15, report=args.report,
-                      interleave=True)
+                      interleave=True, hooks_of=lambda: [model])
     plain()
     for batch in (1, 8):  # decode alone: generate minus its prefill, repeat by repeat
         g = results[f"{label} generate {new_tokens} tokens, batch {batch}"]["runs"]
@@ -94,6 +94,9 @@ def llm(args) -> dict:
             "mem_ratio": results[f"{label} generate {new_tokens} tokens, batch {batch}"]["mem_ratio"],
             "seconds": steered_decode, "base_seconds": plain_decode,
             "tokens_per_s": batch * new_tokens / steered_decode, "base_tokens_per_s": batch * new_tokens / plain_decode}
+        if "hook_seconds" in g:  # the hooks of decoding: those of generate() less those of its prefill
+            hooks = statistics.median(g["hook_seconds"]) - statistics.median(p["hook_seconds"])
+            results[f"{label} decode only, batch {batch}"].update(hook_seconds=hooks, hook_ratio=1 + hooks / plain_decode)
     return results
 
 

@@ -124,14 +124,57 @@ def graphs_built(fn, calls: int = 2) -> dict:
     return {"graphs": after[0] - graphs, "graph_breaks": after[1] - breaks}
 
 
-def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None, interleave: bool = False) -> dict:
+def hook_seconds(roots, fn) -> float:
+    """Seconds `fn()` spends inside the forward hooks and pre-hooks that dsas_diffusion registered on the
+    modules under `roots`. On a CPU, where each op runs as it is called, that is the work steering adds
+    to an eager call (but for its once-per-call bookkeeping outside the hooks), read directly: as the
+    difference of two whole-call times it drowns in the few percent those vary by from run to run on a
+    shared machine. Each hook is timed as called, cold caches after the layer before it included."""
+    spent = [0.0]
+    wrapped, seen = [], set()
+    for root in roots:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key, hook in list(hooks.items()):
+                    if getattr(hook, "__module__", "").startswith("dsas_diffusion."):
+                        hooks[key] = _timed(hook, spent)
+                        wrapped.append((hooks, key, hook))
+    try:
+        fn()
+    finally:
+        for hooks, key, hook in wrapped:
+            if key in hooks:  # not removed while fn ran
+                hooks[key] = hook
+    return spent[0]
+
+
+def _timed(hook, spent: list):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+    return timed
+
+
+def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None, interleave: bool = False,
+            hooks_of=None, hook_runs: int = 3) -> dict:
     """cases: {name: (baseline, candidate)}, each a `fn` or `(setup, fn)` (setup runs untimed first).
 
     Every candidate run follows its own baseline run (A B A B ...), so drift hits both alike.
     One case after another, or with `interleave` every case once per repeat (for cases read off
     against each other, such as generate minus prefill). Returns per case the medians over the
     repeats of the time and peak-memory ratios and of the raw seconds, and the raw seconds of each
-    repeat (`runs`); `report(name, result)` is called as each case finishes."""
+    repeat (`runs`); `report(name, result)` is called as each case finishes.
+
+    `hooks_of()`: the modules the candidates steer, on a CPU. Each case then also runs its candidate
+    `hook_runs` more times, untimed as a whole, for the seconds spent inside the steering hooks
+    (`hook_seconds`): the median is `hook_seconds`, and `hook_ratio` is 1 + that over the median
+    baseline time, the overhead read without the run-to-run noise of whole calls."""
     def split(entry):
         return entry if isinstance(entry, tuple) else (lambda: None, entry)
 
@@ -158,6 +201,15 @@ def compare(cases: dict, device: str, repeats: int, warmup: int = 1, report=None
         r = rows[name]
         result = {k: statistics.median(v) for k, v in r.items()}
         result["runs"] = {"seconds": r["seconds"], "base_seconds": r["base_seconds"]}
+        if hooks_of is not None and not device.startswith("cuda"):  # on a GPU, host time in hooks is not the cost
+            _, (c_setup, c_fn) = cases[name]
+            spent = []
+            for _ in range(hook_runs):
+                c_setup()
+                spent.append(hook_seconds(hooks_of(), c_fn))
+            result["runs"]["hook_seconds"] = spent
+            result["hook_seconds"] = statistics.median(spent)
+            result["hook_ratio"] = 1 + result["hook_seconds"] / result["base_seconds"]
         if report is not None:
             report(name, result)
         return result

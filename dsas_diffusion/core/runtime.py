@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .call_state import Sequence, SteeringCall, State, joined
 from .config import Gating, LayerKind
-from .fused import MapTerms, lambdas, map_terms, steer_layer
+from .fused import MapTerms, gate_logits, lambdas, map_terms, steer_layer
 from .gate import Gate
 from .hooks import steered_positions
 from .hooks import HookSet, PreForward, as_tokens, masked_mean
@@ -257,7 +256,7 @@ class _Run:
     option is assigned) or, inside `local_options`, one of the thread's own. Always an object of
     this class, so a graph never branches on whether a thread has overrides."""
 
-    __slots__ = ("active", "strength", "gated", "record")
+    __slots__ = ("active", "strength", "number", "gated", "record")
 
     def __init__(self, strength: float, gated: bool, record: bool, devices):
         self.strength = {d: torch.tensor(strength, dtype=torch.float32, device=d) for d in devices}
@@ -266,11 +265,13 @@ class _Run:
     def set(self, strength: float, gated: bool, record: bool) -> None:
         for t in self.strength.values():
             t.fill_(strength)
+        # the value the tensors hold, for eager CPU hooks: reading it back (.item()) was an op per layer
+        self.number = next(iter(self.strength.values())).item()
         self.active, self.gated, self.record = strength != 0, gated, record
 
     @property
     def value(self) -> float:
-        return next(iter(self.strength.values())).item()
+        return self.number
 
     def strength_on(self, device: torch.device) -> torch.Tensor:
         s = self.strength.get(device)
@@ -511,11 +512,13 @@ class SteeringHandle(RunOptionAttributes, HookSet):
             pos = self._positions(call, layer.kind, tokens, prior)
             prior_mean = None if prior is None else prior[0]
             if terms is not None:  # one op: gate, lambdas, map and blend (a Triton kernel on CUDA)
-                out, lam, mean, proj = steer_layer(tokens, weight, bias, strength, terms, pos, gating=self._gating,
+                # eager on the CPU the strength as a float: the same bits, one op less (see steer_layer)
+                s = run.number if not compiling and tokens.device.type == "cpu" else strength
+                out, lam, mean, proj = steer_layer(tokens, weight, bias, s, terms, pos, gating=self._gating,
                                                    kind=layer.kind, floor=self._lambda_floor, prior_mean=prior_mean,
                                                    activation=self._activation, state=track)
             else:
-                proj = F.linear(tokens if tokens.dtype is torch.float32 else tokens.float(), weight, bias)  # (B, K, 1)
+                proj = gate_logits(tokens, weight, bias)
                 lam, mean = lambdas(proj, pos, gating=self._gating, kind=layer.kind, floor=self._lambda_floor,
                                     prior_mean=prior_mean, activation=self._activation, state=track)
             if track:

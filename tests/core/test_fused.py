@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from dsas_diffusion.core.fused import MapTerms, map_terms, op_args, steer_layer
+from dsas_diffusion.core.fused import MapTerms, float32_below, gate_logits, map_terms, op_args, steer_layer
 from dsas_diffusion.core.gate import activate
 from dsas_diffusion.core.hooks import as_tokens
 from dsas_diffusion.core.maps import ITIC, LinearAcT, MeanShift
@@ -170,6 +170,29 @@ def test_a_shift_per_row_is_the_composite_bit_for_bit(dtype):
                                              kind="spatial"))
     want = torch.addcmul(x, got.lam.to(dtype), shift, value=1.5)
     assert torch.equal(got.out, want) and torch.equal(op[0], want) and torch.equal(want[1], x[1])
+
+
+@pytest.mark.parametrize("floor", [0.9, 0.5, 1.0, 0.1, 1 / 3, 1e-8, 1e-50])
+def test_the_floor_in_one_op_zeroes_exactly_what_lam_below_floor_does(floor):
+    """`torch.threshold` at the float32 just below the floor, against the two ops it replaced, bit for bit:
+    on values at and around the floor (its float32 neighbours) and on random ones."""
+    f = torch.tensor(floor, dtype=torch.float32)
+    near = torch.stack([torch.nextafter(f, torch.tensor(-1.0)), f, torch.nextafter(f, torch.tensor(2.0))])
+    lam = torch.cat([near, torch.rand(10000, generator=torch.Generator().manual_seed(0)),
+                     torch.tensor([0.0, -0.0, 1.0, float("nan")])])
+    got, want = torch.threshold(lam, float32_below(floor), 0.0), lam.masked_fill(lam < floor, 0.0)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_gate_logits_on_any_layout_and_dtype():
+    """addmv for a contiguous float32 x, F.linear otherwise: the same logits to float rounding, (B, K, 1) float32."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    weight, bias = torch.randn(1, 8, generator=g), torch.randn(1, generator=g)
+    for tokens in (x[:, 0], as_tokens(x.permute(0, 3, 1, 2))[0], x[:, 0].to(torch.bfloat16)):
+        got = gate_logits(tokens, weight, bias)
+        assert got.shape == (*tokens.shape[:2], 1) and got.dtype == torch.float32
+        torch.testing.assert_close(got, F.linear(tokens.float(), weight, bias))
 
 
 def test_fake_implementation_matches_the_real_one():
