@@ -93,9 +93,11 @@ def main() -> None:
                            "steered": {"graphs": steered, "breaks": breaks}, "met": met}
         print(f"{family:20s} graphs {steered:2d} steered vs {stock:2d} stock, graph breaks {breaks} vs {stock_breaks}"
               f"  target: at most one graph more, no added break: {'met' if met else 'MISSED'}", flush=True)
+    from dsas_diffusion.core.io import write_text_atomic
+
     out = RESULTS / "graph_counts.json"  # the families run now replace their earlier entries
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    out.write_text(json.dumps({**earlier, **results}, indent=1))
+    write_text_atomic(out, json.dumps({**earlier, **results}, indent=1))
     print(f"wrote {out}")
 
 
