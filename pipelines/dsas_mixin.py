@@ -31,6 +31,7 @@ class DSASPipelineMixin:
     r"""Mixed in before a stock pipeline class; `_output_class` is the stock output plus `steering_scales`."""
 
     _output_class: type
+    _dsas_named = True  # apply_dsas refuses it: the steering of a DSAS pipeline goes through set_steering
     steering: Steering | None = None
     _dsas: PipelineSteering | None = None
 
@@ -54,8 +55,16 @@ class DSASPipelineMixin:
         # the new hooks first: if they are refused, the steering set before stays in place
         new = attach_to_pipeline(self, steering, 0.0, check_model=check_model) if steering is not None else None
         if self._dsas is not None:
-            self._dsas.remove()
+            try:
+                self._dsas.remove()
+            except BaseException:
+                if new is not None:
+                    new.remove()
+                raise
         self._dsas, self.steering = new, steering
+        if new is not None:  # removed with remove_dsas(pipe): forgotten, as set_steering(None) does
+            pipe = weakref.ref(self)
+            new.on_remove.append(lambda removed: _forget(pipe(), removed))
 
     # 2. Encoding: one thread at a time per tokenizer --------------------------------------------
     def encode_prompt(self, *args, **kwargs):
@@ -104,6 +113,11 @@ class DSASPipelineMixin:
         if not isinstance(output, stock):
             return output
         return self._output_class(**{f.name: getattr(output, f.name) for f in fields(stock)}, steering_scales=scales)
+
+
+def _forget(pipe, removed: PipelineSteering) -> None:
+    if pipe is not None and pipe._dsas is removed:
+        pipe._dsas = pipe.steering = None
 
 
 def _check_call_options(steering, steering_strength, steer_negative, gated, return_steering_scales) -> float:

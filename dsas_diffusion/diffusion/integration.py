@@ -1,5 +1,6 @@
-"""`apply_dsas(pipe, steering)` / `remove_dsas(pipe)`: DSAS on any supported diffusers pipeline,
-stock or named, through forward hooks on its text encoders and denoiser.
+"""`apply_dsas(pipe, steering)` / `remove_dsas(pipe)`: DSAS on any supported stock diffusers pipeline
+through forward hooks on its text encoders and denoiser (the named DSAS pipelines use the same path
+through `set_steering`).
 
 The hooks steer the positive branch of classifier-free guidance only (unless `steer_negative`).
 Every supported pipeline's `__call__` runs `check_inputs` first, then `encode_prompt` (FLUX encodes
@@ -41,6 +42,8 @@ class _Call:
 
     encodings: int = 0  # encode_prompt invocations so far
     negative: torch.Tensor | None = None  # `separate` guidance: the prompt embeddings of the negative branch
+    positive: torch.Tensor | None = None  # ... and of the positive one
+    same_seen: int = 0  # denoiser forwards so far whose two branches' embeddings are one tensor
 
 
 @dataclass
@@ -62,6 +65,7 @@ class PipelineSteering:
                  steer_negative: bool):
         self.steering, self.handles = steering, handles
         self._integration = integration
+        self.on_remove: list = []  # called once it is removed (a named pipeline forgets its set steering)
         self._steer_negative = steer_negative
         self._local = threading.local()  # `steer_negative` set by local_options for this thread
 
@@ -248,6 +252,8 @@ class _Integration:
                         result = original(**arguments)
                     if negative:
                         call.negative = result[0]
+                    else:
+                        call.positive = result[0]
                     return result
                 result = self._encode_batched(original, arguments)
                 cfg = bool(arguments.get("do_classifier_free_guidance"))
@@ -305,6 +311,11 @@ class _Integration:
         call = self.call
         negative = call is not None and call.negative is not None and \
             kwargs.get("encoder_hidden_states") is call.negative
+        if negative and call.positive is call.negative:
+            # one tensor given as both prompt_embeds and negative_prompt_embeds: told apart by order, as the
+            # pipeline runs the positive branch first in each step
+            negative = call.same_seen % 2 == 1
+            call.same_seen += 1
         extra = self.family.extra_forward is not None and kwargs.get(self.family.extra_forward) is not None
         stack = ExitStack()
         if negative or extra:
@@ -358,8 +369,9 @@ def applied_to(pipe) -> list[PipelineSteering]:
 # ---- the public functions -------------------------------------------------------------------------
 def apply_dsas(pipe, steering: Steering | str | os.PathLike, strength: float = 1.0, *, gated: bool = True,
                steer_negative: bool = False, check_model: bool = True) -> PipelineSteering:
-    """Steer `pipe` (a stock or named diffusers pipeline of a supported family) with `steering` (or a
-    saved steering folder) at global strength `strength` (alpha), until `remove_dsas(pipe)`.
+    """Steer `pipe` (a stock diffusers pipeline of a supported family) with `steering` (or a saved
+    steering folder) at global strength `strength` (alpha), until `remove_dsas(pipe)`. A named DSAS
+    pipeline is refused: its calls switch its own steering, set with `set_steering`.
 
     gated: False applies plain steering (lambda = 1 at every fitted layer), for comparisons.
     steer_negative: also steer the negative branch of classifier-free guidance.
@@ -367,6 +379,12 @@ def apply_dsas(pipe, steering: Steering | str | os.PathLike, strength: float = 1
 
     Apply before `torch.compile`: a compiled module ignores hooks added afterwards. One steering per
     pipeline: remove the one applied before."""
+    if getattr(pipe, "_dsas_named", False):
+        raise ValueError(
+            f"{type(pipe).__name__} is a DSAS pipeline: its own calls switch its steering on and off "
+            "(steering_strength=0 runs it untouched), which a steering applied with apply_dsas would escape. Use "
+            "pipe.set_steering(steering) and the call's steering_strength= / gated= / steer_negative=, or apply_dsas "
+            "on the stock pipeline class")
     integration = getattr(pipe, _ATTR, None)
     if integration is not None and integration.applied:
         raise ValueError(f"a steering is already applied to this pipeline ({integration.applied[0].steering!r}); "
@@ -378,6 +396,8 @@ def apply_dsas(pipe, steering: Steering | str | os.PathLike, strength: float = 1
 def remove_dsas(pipe, applied: PipelineSteering | None = None) -> None:
     """Remove `applied` (default: every steering applied to `pipe`) and, with the last one, every
     hook and wrapped method: the pipeline is then exactly as if nothing had been applied."""
+    if not hasattr(pipe, "components"):
+        raise TypeError(f"remove_dsas takes the diffusers pipeline a steering was applied to, got {type(pipe).__name__}")
     integration = getattr(pipe, _ATTR, None)
     if integration is None:
         if applied is None:
@@ -390,6 +410,8 @@ def remove_dsas(pipe, applied: PipelineSteering | None = None) -> None:
         for handle in one.handles.values():
             handle.detach()
         integration.applied.remove(one)
+        for callback in one.on_remove:
+            callback(one)
     if not integration.applied and not integration.captures:
         integration.uninstall(pipe)
 

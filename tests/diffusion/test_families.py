@@ -244,3 +244,54 @@ def _steering_on(pipe, layer: str, width: int, kind: str = "spatial") -> Steerin
     config = SteeringConfig(method="mean_shift", layers={layer: {"width": width, "kind": kind, "gate_accuracy": 1.0}})
     return Steering(config, {layer: MeanShift(shift=torch.ones(width))},
                     {layer: Gate(weight=torch.zeros(width), bias=torch.full((), 10.0), accuracy=1.0)})
+
+
+def test_remove_dsas_on_a_named_pipeline_forgets_its_set_steering():
+    """remove_dsas on a named pipeline is set_steering(None): it left `pipe.steering` set, calls unsteered, and every
+    later set_steering refused with "not applied to this pipeline"."""
+    pipe = named_pipeline("pixart_sigma")
+    before = hooks(pipe)
+    steering = _steering_on(pipe, "transformer.transformer_blocks.0.attn2", width=pipe.transformer.inner_dim)
+    pipe.set_steering(steering, check_model=False)
+    remove_dsas(pipe)
+    assert pipe.steering is None and hooks(pipe) == before
+    pipe.set_steering(steering, check_model=False)
+    assert pipe.steering is steering and dsas.diffusion.integration.applied_to(pipe)
+    pipe.set_steering(None)
+    assert hooks(pipe) == before
+
+
+def test_apply_dsas_refuses_a_named_pipeline_and_remove_dsas_what_is_no_pipeline():
+    """A steering applied with apply_dsas to a named pipeline escaped its calls' own switch (steering_strength=0
+    still steered); it goes through set_steering instead."""
+    pipe = named_pipeline("pixart_sigma")
+    steering = _steering_on(pipe, "transformer.transformer_blocks.0.attn2", width=pipe.transformer.inner_dim)
+    with pytest.raises(ValueError, match=r"DSASPixArtSigmaPipeline is a DSAS pipeline.*pipe\.set_steering\(steering\)"):
+        apply_dsas(pipe, steering, check_model=False)
+    assert "_dsas_integration" not in vars(pipe)
+    with pytest.raises(TypeError, match="remove_dsas takes the diffusers pipeline.*got object"):
+        remove_dsas(object())
+
+
+def test_flux_true_cfg_with_one_tensor_for_both_prompts_steers_the_positive_branch():
+    """The negative branch was told apart by the identity of its embeddings: the same tensor given as prompt_embeds and
+    negative_prompt_embeds switched the positive branch off too. Now the order tells (positive first), and a copy of
+    the tensor gives the same images and lambdas."""
+    pipe = tiny_pipeline("flux")
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(["a banana on the beach"], None, device="cpu")
+    layer = "transformer.transformer_blocks.0.attn"
+    steering = _steering_on(pipe, layer, width=pipe.transformer.inner_dim)
+
+    def call(negative, negative_pooled):
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                    negative_pooled_prompt_embeds=negative_pooled, true_cfg_scale=2.0,
+                    generator=torch.Generator().manual_seed(0), **call_kwargs("flux")).images
+
+    stock = call(embeds, pooled)
+    applied = apply_dsas(pipe, steering, check_model=False)
+    same = call(embeds, pooled)
+    same_scales = applied.scales[layer]
+    copied = call(embeds.clone(), pooled.clone())
+    assert np.array_equal(same, copied) and not np.array_equal(same, stock)
+    assert same_scales.shape[0] == 2 and torch.equal(same_scales, applied.scales[layer])  # one map per step, positive
