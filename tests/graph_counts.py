@@ -36,7 +36,8 @@ def counting():
 
 def generate_graphs(family: str, steered: bool) -> Compiled:
     """What a tiny language model of `family` builds compiled, under `generate()` over 3 batch sizes (other
-    prompt lengths) and 2 strengths; steered, each call's recorded lambdas are checked to cover its rows."""
+    prompt lengths) and 3 strengths, 0 among them; steered, each call's recorded lambdas are checked to cover
+    its rows (none are recorded at strength 0)."""
     from dsas_diffusion.llm import attach
     from tests.llm.tiny_lms import PROMPTS, fitted, generate, make_model, make_tokenizer
 
@@ -44,12 +45,13 @@ def generate_graphs(family: str, steered: bool) -> Compiled:
     handle = attach(fitted(family), model, strength=2.0) if steered else None
     with counting() as seen:
         model.compile(backend=seen.backend)
-        for rows, strength in ((2, 2.0), (3, 1.0), (1, 2.0)):
+        for rows, strength in ((2, 2.0), (3, 1.0), (1, 2.0), (2, 0.0)):
             if handle is not None:
                 handle.strength = strength
             generate(model, tokenizer, PROMPTS[:rows])
             if handle is not None:  # the lambdas of every token were recorded from inside the graph
                 assert all(lam.shape[0] == rows for lam in handle.scales.values())
+                assert bool(handle.scales) == (strength != 0)
     if handle is not None:
         handle.detach()
     return seen

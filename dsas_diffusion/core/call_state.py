@@ -56,7 +56,10 @@ class SteeringCall(CallState):
         self.sequence: Sequence | None = None  # the cached sequence under way, once a cache is followed
 
     def clear(self) -> None:
-        """Forget the sequence under way; the cache it followed no longer moves this state."""
+        """Forget the sequence under way; the cache it followed no longer moves this state, and keeps the
+        state as it was (`Sequence.state`) for its copies."""
+        if self.sequence is not None:
+            self.sequence.leave()
         self.running.clear()
         self.before.clear()
         self.tokens = None
@@ -75,10 +78,26 @@ class Sequence:
     starts another one, and the old cache, if someone still reorders it, moves nothing.
     """
 
-    def __init__(self, call: SteeringCall, gating: str, cache, skip_first: bool = False):
+    def __init__(self, call: SteeringCall, gating: str, cache, skip_first: bool = False, owner=None):
         self.call, self.gating, self.skip_first = call, gating, skip_first
         self.cache = weakref.ref(cache)  # which cache it follows, without keeping that cache alive
+        self.owner = owner  # the steering handle whose state this is (a key: a copy of the cache carries the state)
         self.refused: str | None = None  # why the state could not follow the cache; later calls of it fail too
+        self._left: tuple | None = None  # (length, running state) when another sequence took the call over
+
+    def leave(self) -> None:
+        """Another sequence takes the call over: keep the state this one reached, for copies of its cache."""
+        if self.live and self._left is None:
+            self._left = (self.call.length, dict(self.call.running))
+
+    def state(self) -> tuple[int, dict[str, State]] | None:
+        """(tokens, running state) this sequence's cache holds a state for: the call's while it is live, the state
+        it reached when it was left otherwise; None where unknown or refused. A copy of the cache (a reused
+        prompt cache) continues from it."""
+        if self.refused is not None:
+            return None
+        length, running = (self.call.length, self.call.running) if self.live else (self._left or (None, None))
+        return None if length is None else (length, dict(running))
 
     @property
     def live(self) -> bool:
@@ -142,7 +161,7 @@ class Sequence:
                                             proj.device, self.skip_first and prior is None)
                 v = None if counted is None else counted.to(device=proj.device, dtype=proj.dtype).unsqueeze(-1)
                 part = proj[:, :kept]
-                total = (part if v is None else part * v).sum(1, keepdim=True)
+                total = (part if v is None else torch.where(v > 0, part, 0.0)).sum(1, keepdim=True)
                 count = torch.full_like(total, float(kept)) if v is None else v.sum(1, keepdim=True)
                 if prior is not None:
                     total, count = torch.addcmul(total, prior[0], prior[1]), count + prior[1]

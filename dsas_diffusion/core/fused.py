@@ -103,15 +103,22 @@ def lambdas(
         mean = torch.lerp(prior_mean, proj, pos.step)
         logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
     else:
-        pv = proj if pos.valid is None else proj * pos.valid
+        # selected, not multiplied by a 0 / 1 mask: the logit of a padding position may be NaN or inf (a row of
+        # attention masked out entirely), and NaN * 0 is NaN, which then reached every real position
+        pv = proj if pos.valid is None else torch.where(pos.valid, proj, 0.0)
         if gating == "causal" and kind != "spatial":
             run = pv if k == 1 else pv.cumsum(1)
             if prior_mean is not None:
                 run = torch.addcmul(run, prior_mean, pos.prior)
             logits = run / pos.seen
-            # the causal mean at the last position is the mean of all so far; copied to the layout of the
-            # other modes' state, which a compiled graph reading it at the next step guards on
-            mean = logits[:, -1:].clone(memory_format=torch.contiguous_format) if state else None
+            if not state:
+                mean = None
+            elif k == 0:  # no position: the running mean stays what it was
+                mean = prior_mean if prior_mean is not None else proj.new_zeros(proj.shape[0], 1, 1)
+            else:
+                # the causal mean at the last position is the mean of all so far; copied to the layout of the
+                # other modes' state, which a compiled graph reading it at the next step guards on
+                mean = logits[:, -1:].clone(memory_format=torch.contiguous_format)
         else:
             total = pv if k == 1 else pv.sum(1, keepdim=True)
             if prior_mean is not None:
@@ -224,7 +231,7 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     layer whose cached decoding step is a handful of ops. Traced, F.linear, which Inductor fuses."""
     if x.dtype is not weight.dtype:
         x = x.to(weight.dtype)
-    if x.dim() == 3 and x.is_contiguous() and not torch.compiler.is_compiling():
+    if x.dim() == 3 and x.is_contiguous() and x.numel() and not torch.compiler.is_compiling():
         b, k, d = x.shape
         return torch.addmv(bias, x.view(b * k, d), weight.view(d)).view(b, k, 1)
     return F.linear(x, weight, bias)
@@ -321,8 +328,8 @@ if triton is not None:
             logits = proj if TOKEN else tl.zeros((BLOCK_K,), tl.float32) + mean
             tl.store(mean_ptr + row, mean, mask=kb == 0)
         else:
-            if HAS_VALID:
-                pv = proj * tl.load(valid_ptr + at + ks, mask=kin, other=0.0)
+            if HAS_VALID:  # selected, as the composite does: a NaN logit of padding stays out
+                pv = tl.where(tl.load(valid_ptr + at + ks, mask=kin, other=0) != 0, proj, 0.0)
             else:
                 pv = tl.where(kin, proj, 0.0)
             if ONE_PASS:
@@ -335,7 +342,7 @@ if triton is not None:
                     js = j0 + tl.arange(0, BLOCK_R)
                     pj = tl.load(proj_ptr + at + js, mask=js < K, other=0.0)
                     if HAS_VALID:
-                        pj = pj * tl.load(valid_ptr + at + js, mask=js < K, other=0.0)
+                        pj = tl.where(tl.load(valid_ptr + at + js, mask=js < K, other=0) != 0, pj, 0.0)
                     acc_b += tl.where(js < kb * BLOCK_K, pj, 0.0)
                     acc_a += tl.where(js >= (kb + 1) * BLOCK_K, pj, 0.0)
                 before = tl.sum(acc_b, axis=0)

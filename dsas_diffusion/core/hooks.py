@@ -36,11 +36,12 @@ def as_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean over positions (dim 1) of (B, K, D), the positions where `valid` (B, K) is False excluded."""
+    """Mean over positions (dim 1) of (B, K, D), the positions where `valid` (B, K) is False excluded (selected
+    out, so a NaN there stays out)."""
     if valid is None:
         return x.mean(1)
-    v = valid.to(x.dtype).unsqueeze(-1)
-    return (x * v).sum(1) / v.sum(1).clamp_min(1)
+    keep = valid.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
+    return torch.where(keep, x, 0.0).sum(1) / keep.sum(1).to(x.dtype).clamp_min(1)
 
 
 def steered_positions(valid: torch.Tensor | None, b: int, k: int, device, skip_first: bool) -> torch.Tensor | None:
@@ -211,7 +212,7 @@ def prefix_means(x: torch.Tensor, read: torch.Tensor | None, at: torch.Tensor) -
     positions of its row up to there that `read` (B, K) marks (None: all), in row-major order. What a
     causal gate reads at that position."""
     v = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if read is None else read.to(x.dtype)
-    total = (x * v.unsqueeze(-1)).cumsum(1)
+    total = (x if read is None else torch.where(read.bool().unsqueeze(-1), x, 0.0)).cumsum(1)
     return total[at] / v.cumsum(1)[at].clamp_min(1).unsqueeze(-1)
 
 

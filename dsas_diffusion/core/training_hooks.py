@@ -46,9 +46,10 @@ def pooled_logits(proj: torch.Tensor, valid: torch.Tensor | None, gating: Gating
     v = torch.ones_like(proj) if valid is None else valid.to(proj.dtype)
     if gating == "token" and kind != "spatial":
         return proj
+    pv = proj if valid is None else torch.where(v > 0, proj, 0.0)  # selected: a NaN logit of padding stays out
     if gating == "causal" and kind != "spatial":
-        return (proj * v).cumsum(1) / v.cumsum(1).clamp_min(1)
-    return ((proj * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp_min(1)).expand_as(proj)
+        return pv.cumsum(1) / v.cumsum(1).clamp_min(1)
+    return (pv.sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp_min(1)).expand_as(proj)
 
 
 def first_token_mask(valid: torch.Tensor | None, b: int, k: int, device) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -93,10 +94,11 @@ def causal_lm_pre_forward(model: nn.Module) -> PreForward:
         hooks.valid = valid
         sequence_call = getattr(hooks, "sequence_call", None)  # a SteeringHandle, not an ActivationCapture
         if sequence_call is not None:
-            call = sequence_call(past, _new_tokens(named))
             cache = named.get("cache", named.get("past_key_values"))
-            followed = call.sequence
-            if cache is not None and (followed is None or followed.cache() is not cache):
+            followed = hooks.call.sequence
+            other = cache is not None and (followed is None or followed.cache() is not cache)
+            call = sequence_call(past, _new_tokens(named), carried_state(cache, hooks) if other and past else None)
+            if other:
                 follow_cache(cache, hooks, call)
 
     return pre_forward
@@ -135,14 +137,35 @@ def follow_cache(cache, handle, call) -> None:
     followers[:] = [f for f in followers if f.live] + [sequence]
 
 
+def carried_state(cache, handle) -> tuple | None:
+    """(tokens, running state) of `handle` that `cache` carries: the state of the sequence its cache was copied
+    from, as it was when copied (a reused prompt cache continues the prompt's state); None if none."""
+    followers = getattr(cache, "__dict__", {}).get(_FOLLOWERS)
+    found = None if followers is None else followers.carried.get(id(handle))
+    return found[1] if found is not None and found[0]() is handle else None
+
+
 class _Followers(list):
-    """The sequences a cache notifies; a copy of the cache starts with none (nothing follows it yet)."""
+    """The sequences a cache notifies; a copy of the cache starts with none (nothing follows it yet), and
+    carries the state each handle's sequence had reached on the original (`carried`, by handle)."""
+
+    def __init__(self, carried: dict | None = None):
+        super().__init__()
+        self.carried: dict[int, tuple] = carried or {}  # id(handle): (weakref to it, (tokens, running state))
+
+    def _copy(self) -> "_Followers":
+        carried = dict(self.carried)
+        for sequence in self:
+            state, owner = sequence.state(), sequence.owner
+            if state is not None and owner is not None:
+                carried[id(owner)] = (weakref.ref(owner), state)
+        return _Followers(carried)
 
     def __copy__(self):
-        return _Followers()
+        return self._copy()
 
     def __deepcopy__(self, memo):
-        return _Followers()
+        return self._copy()
 
 
 class _Notifying:

@@ -109,6 +109,20 @@ def test_spatial_mean_transport_matches_the_reference_per_image_and_row(outside)
     assert not torch.allclose(run(per_position, x), run(s, x), atol=1e-3)  # the option changes something
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_delta_on_the_cpu_is_the_delta_at_the_float32_mean(dtype):
+    """Eager on a CPU the row mean is taken as a sum and a division (what `mean` does there, in two calls
+    that cost less inside a denoiser): the shift is the map's delta at the float32 mean of each row."""
+    from dsas_diffusion.core.runtime import _row_delta
+
+    g = torch.Generator().manual_seed(3)
+    map_ = LinearAcT(**act_map(g)).to("cpu", dtype)
+    tokens = (0.5 * torch.randn(3, 37, D, generator=g) + 0.3).to(dtype)
+    got = _row_delta(map_, tokens, None)
+    assert got.shape == (3, 1, D) and got.dtype == dtype
+    torch.testing.assert_close(got, map_.delta(tokens.mean(1, keepdim=True, dtype=torch.float32).to(dtype)))
+
+
 def test_spatial_mean_leaves_token_layers_shift_maps_and_learned_maps_per_position():
     g = torch.Generator().manual_seed(2)
     m = act_map(g)

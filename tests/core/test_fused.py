@@ -271,3 +271,44 @@ def test_triton_kernel_in_the_interpreter():
                "--maps", "affine clamped", "affine inside", "shift per row"]
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("gating", ["token", "sequence", "causal"])
+def test_an_empty_batch_or_no_positions_gives_empty_results_and_keeps_the_state(gating):
+    """B = 0 or K = 0 (an empty batch, a call with no new token) steers nothing and fails nowhere; a causal
+    running mean stays what it was, so the next decoding step reads it (it came back as (B, 0, 1))."""
+    d = 5
+    w, b, terms = torch.randn(1, d), torch.randn(1), MapTerms(torch.randn(d))
+    for bsz, k in ((0, 4), (2, 0)):
+        x = torch.randn(bsz, k, d)
+        out, lam, _, proj = steer_layer(x, w, b, 1.0, terms, positions(bsz, k, "cpu", gating=gating), gating=gating)
+        assert out.shape == x.shape and lam.shape == proj.shape == (bsz, k, 1)
+        assert gate_logits(x, w, b).shape == (bsz, k, 1)
+    prior_mean, prior_count = torch.tensor([0.7, -0.3]).view(2, 1, 1), torch.tensor([3.0, 4.0]).view(2, 1, 1)
+    pos = positions(2, 0, "cpu", gating=gating, prior_count=prior_count, starts=False)
+    lam, (mean, count) = layer_lambdas(torch.zeros(2, 0, 1), pos, gating=gating, prior_mean=prior_mean)
+    assert lam.shape == (2, 0, 1)
+    torch.testing.assert_close(mean, prior_mean)
+    assert torch.equal(count, prior_count)
+
+
+@pytest.mark.parametrize("gating", ["token", "sequence", "causal"])
+def test_nan_or_inf_at_padding_stays_out_of_real_positions_and_the_state(gating):
+    """Padding was taken out of the means by multiplying its logits by 0, and NaN * 0 is NaN: a padding position
+    whose activations are NaN or inf (a row of attention masked out entirely) made every real lambda of a pooled
+    row and the running state NaN. Selected out, the real positions get what they get with the padding zeroed."""
+    from dsas_diffusion.core.hooks import masked_mean
+
+    g = torch.Generator().manual_seed(5)
+    d = 4
+    valid = torch.tensor([[True, True, True, False, False], [False, False, True, True, True]])
+    x = torch.randn(2, 5, d, generator=g)
+    w, b, terms = torch.randn(1, d, generator=g), torch.randn(1, generator=g), MapTerms(torch.randn(d, generator=g))
+    clean = steer_layer(x, w, b, 1.0, terms, positions(2, 5, "cpu", gating=gating, valid=valid), gating=gating)
+    for bad in (float("nan"), float("inf")):
+        dirty = x.clone()
+        dirty[~valid] = bad
+        got = steer_layer(dirty, w, b, 1.0, terms, positions(2, 5, "cpu", gating=gating, valid=valid), gating=gating)
+        assert torch.equal(got.lam[valid], clean.lam[valid]) and torch.equal(got.out[valid], clean.out[valid])
+        assert torch.equal(got.mean, clean.mean)
+        assert torch.equal(masked_mean(dirty, valid), masked_mean(x, valid))

@@ -189,20 +189,41 @@ def test_a_copy_of_a_followed_cache_moves_its_own_rows():
     assert torch.equal(copied.layers[0].keys, keys[[2, 0, 0], :, :-1])
 
 
-def test_a_reused_prompt_cache_continues_once_and_a_second_reuse_is_refused():
-    """The running state of a thread is that of the sequence it last extended: a copy of the prompt's
-    cache continues it right once; a second copy would continue a state that moved on."""
+def test_every_copy_of_a_prompt_cache_continues_the_prompt_state():
+    """transformers' prefix caching: `copy.deepcopy(prompt_cache)` for each continuation. A copy carries the
+    running state its cache's sequence had reached, so every reuse continues the prompt's state (the second was
+    refused: the thread's state had moved on with the first), and each equals the whole sequence run at once."""
     model, tokenizer = make_model("llama"), make_tokenizer()
     enc = tokenizer(PROMPTS[1:2], return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    more = torch.tensor([[7, 9]])
-    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+    n = ids.shape[1]
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal") as handle:
         prompt_cache = DynamicCache(config=model.config)
         _forward(model, ids, mask, prompt_cache)
-        reused = _forward(model, more, torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype), copy.deepcopy(prompt_cache))
-        with pytest.raises(ValueError, match=f"sequence of {ids.shape[1]} tokens.*sequence of {ids.shape[1] + 2} "
-                                             "tokens.*another KV cache"):
-            _forward(model, more, torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype), copy.deepcopy(prompt_cache))
-        whole = _forward(model, torch.cat([ids, more], 1), torch.ones(1, ids.shape[1] + 2, dtype=mask.dtype))
-    torch.testing.assert_close(reused, whole[:, -2:], rtol=1e-5, atol=1e-5)
-    assert prompt_cache.get_seq_length() == ids.shape[1]
+        for more in (torch.tensor([[7, 9]]), torch.tensor([[11, 4]]), torch.tensor([[7, 9]])):
+            reused = _forward(model, more, torch.ones(1, n + 2, dtype=mask.dtype), copy.deepcopy(prompt_cache))
+            lambdas = handle.scales
+            whole = _forward(model, torch.cat([ids, more], 1), torch.ones(1, n + 2, dtype=mask.dtype))
+            torch.testing.assert_close(reused, whole[:, -2:], rtol=1e-5, atol=1e-5)
+            for name, lam in lambdas.items():  # the continuation's own two tokens, as in the whole run
+                torch.testing.assert_close(lam, handle.scales[name][:, -2:], rtol=1e-6, atol=1e-6)
+    assert prompt_cache.get_seq_length() == n
+
+
+def test_at_strength_0_any_cache_runs_as_on_the_stock_model():
+    """Strength 0 steers nothing, so a cache the running state cannot follow is not refused there (the stock model
+    takes it); the state is dropped instead."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[1:2], return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n = ids.shape[1]
+    stock_cache = DynamicCache(config=model.config)
+    _forward(model, ids, mask, stock_cache)  # filled before attaching: it carries no state
+    expected = _forward(model, torch.tensor([[7]]), torch.ones(1, n + 1, dtype=mask.dtype), copy.deepcopy(stock_cache))
+    with attach(fitted("llama"), model, strength=STRENGTH) as handle:
+        _forward(model, ids[:, :2], mask[:, :2], DynamicCache(config=model.config))
+        with pytest.raises(ValueError, match=f"continues a cached sequence of {n} tokens.*sequence of 2 tokens"):
+            _forward(model, torch.tensor([[7]]), torch.ones(1, n + 1, dtype=mask.dtype), copy.deepcopy(stock_cache))
+        handle.strength = 0.0
+        got = _forward(model, torch.tensor([[7]]), torch.ones(1, n + 1, dtype=mask.dtype), copy.deepcopy(stock_cache))
+    assert torch.equal(got, expected)

@@ -36,7 +36,7 @@ def test_compiled_steered_generate_matches_eager():
 
 @pytest.mark.parametrize("family", ["llama", "openai-gpt"])
 def test_generate_builds_as_many_graphs_as_the_stock_model(family):
-    """Three batch sizes and two strengths: as many graphs as the stock compiled model builds, and no
+    """Three batch sizes and three strengths, 0 among them: as many graphs as the stock compiled model builds, and no
     graph break (the strength is a tensor the graph reads, the recorded lambdas leave it as outputs,
     the running state keeps its strides). The root's pre-forward hook, which follows the KV cache,
     runs eagerly outside the graph: traced, it broke the graph at every decoding step. GPT-1 has no
