@@ -81,7 +81,9 @@ class Sequence:
     def __init__(self, call: SteeringCall, gating: str, cache, skip_first: bool = False, owner=None):
         self.call, self.gating, self.skip_first = call, gating, skip_first
         self.cache = weakref.ref(cache)  # which cache it follows, without keeping that cache alive
-        self.owner = owner  # the steering handle whose state this is (a key: a copy of the cache carries the state)
+        # the steering handle whose state this is (a key: a copy of the cache carries the state), held weakly: a cache
+        # kept alive must not keep a detached handle and its model
+        self.owner = None if owner is None else weakref.ref(owner)
         self.refused: str | None = None  # why the state could not follow the cache; later calls of it fail too
         self._left: tuple | None = None  # (length, running state) when another sequence took the call over
 
@@ -90,10 +92,18 @@ class Sequence:
         if self.live and self._left is None:
             self._left = (self.call.length, dict(self.call.running))
 
+    def moved_while_left(self, move: RowMap | None) -> None:
+        """The cache's rows moved (`move`) or it was cropped (None: the state is no longer known) after the call
+        left this sequence: the state it left moves alike, for the call that takes the cache up again."""
+        if self._left is not None:
+            length, running = self._left
+            self._left = None if move is None else (length, {n: (move(m), move(c)) for n, (m, c) in running.items()})
+
     def state(self) -> tuple[int, dict[str, State]] | None:
         """(tokens, running state) this sequence's cache holds a state for: the call's while it is live, the state
-        it reached when it was left otherwise; None where unknown or refused. A copy of the cache (a reused
-        prompt cache) continues from it."""
+        it reached when it was left otherwise; None where unknown or refused. The cache taken up again after
+        another one (two sequences interleaved in one thread), or a copy of it (a reused prompt cache),
+        continues from it."""
         if self.refused is not None:
             return None
         length, running = (self.call.length, self.call.running) if self.live else (self._left or (None, None))
@@ -126,19 +136,26 @@ class Sequence:
         if removed > 0 and (call.running or call.before):
             # the positions the steered layers saw, else the tokens the pre_forward counted (the call steered none)
             k = next(iter(call.undo.values())).shape[1] if call.undo else call.tokens if call.tokens is not None else 1
-            if self.gating == "sequence" and k > 1:
+            if (self.gating == "sequence" and k > 1 or removed > k) and not call.run.active:
+                # strength 0 steers nothing (compiled, its state moves all the same): the state goes, as the stock
+                # model refuses no crop
+                call.running.clear()
+                call.before.clear()
+                call.undo.clear()
+            elif self.gating == "sequence" and k > 1:
                 self._refuse(
                     "gating='sequence' cannot follow a KV cache that is cropped after a call of several tokens: the "
                     "tokens of one call share one gate decision, so the tokens the crop keeps were gated together "
                     "with the ones it removes (assisted generation and prompt-lookup decoding do this). Use "
                     "gating='causal' (the language-model default) or 'token', which follow such crops exactly, or "
                     "decode without an assistant model / prompt_lookup_num_tokens")
-            if removed > k:
+            elif removed > k:
                 self._refuse(
                     f"the KV cache was cropped by {removed} tokens, but the running gate state ({self.gating} gating) "
                     f"can only go back within the last forward call ({k} tokens): crop at most that many tokens "
                     "after a call, or start a new generation")
-            self._go_back(k - removed)
+            else:
+                self._go_back(k - removed)
         if removed > 0:
             for chunks in call.history.values():
                 _drop_last_tokens(chunks, removed)

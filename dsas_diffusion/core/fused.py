@@ -231,7 +231,7 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     layer whose cached decoding step is a handful of ops. Traced, F.linear, which Inductor fuses."""
     if x.dtype is not weight.dtype:
         x = x.to(weight.dtype)
-    if x.dim() == 3 and x.is_contiguous() and x.numel() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and x.dim() == 3 and x.is_contiguous() and x.numel():
         b, k, d = x.shape
         return torch.addmv(bias, x.view(b * k, d), weight.view(d)).view(b, k, 1)
     return F.linear(x, weight, bias)

@@ -253,7 +253,7 @@ def _control_term(rec: Recording, run: Run, params: dict, reference: list[dict[s
         ref = torch.stack([_width(reference[r][n], out.shape[1]) for r in rows])
         v = torch.ones(ref.shape[:2], device=ref.device) if mask is None else mask.to(ref.device).float()
         v = v.unsqueeze(-1)
-        term = term + ((out - ref).pow(2) * v).sum() / v.sum().clamp_min(1)
+        term = term + torch.where(v > 0, (out - ref).pow(2), 0.0).sum() / v.sum().clamp_min(1)  # NaN at padding stays out
     rec.record = "pooled"
     return term
 

@@ -418,10 +418,10 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         ones: the call continues this thread's sequence (KV cache) or, without a past, starts a new
         one, which clears the state of the last one. `carried`, (tokens, running state), is the state a
         cache other than the one this thread follows carries for it (`Sequence.state`: a copy of a prompt's
-        cache): a call continuing that many tokens continues from it. A past that is not the length this
-        thread's sequence has reached otherwise belongs to another cache (two sequences interleaved in one
-        thread): its running state is not this one, so the call is refused; at strength 0, which steers
-        nothing, the state is dropped instead, as the stock model would not refuse."""
+        cache, or the cache of a sequence this thread left for another): a call continuing that many tokens
+        continues from it. A past that is not the length this thread's sequence has reached otherwise belongs
+        to a cache whose state is unknown, so the call is refused; at strength 0, which steers nothing, the
+        state is dropped instead, as the stock model would not refuse."""
         self.track_running = True
         call = self._local.call
         call.tokens = new
@@ -433,7 +433,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
             call.clear()
             call.running.update(carried[1])
             call.length = past
-        elif call.sequence is not None and call.sequence.refused is not None:
+        elif call.sequence is not None and call.sequence.refused is not None and call.run.active:
             raise ValueError(call.sequence.refused)
         if torch.compiler.is_compiling():  # an int that changes every step would be a guard: not checked there
             call.length = None
@@ -443,10 +443,10 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         elif continuing and call.length is not None and past != call.length:
             raise ValueError(
                 f"this forward continues a cached sequence of {past} tokens, but the steering's running gate "
-                f"state in this thread is that of a sequence of {call.length} tokens: it belongs to another KV cache "
-                "(two cached sequences interleaved in one thread, or a cache filled while this steering was not "
-                "attached). One thread steers one cached sequence at a time: run each sequence from its prompt, or "
-                "each in a thread of its own; a copy of a cache filled with the steering attached continues its state")
+                f"state in this thread is that of a sequence of {call.length} tokens, and this KV cache carries no "
+                "state of its own for this steering: it was filled while the steering was not attached (or in "
+                "another thread), or cropped while this thread ran another sequence. Run the sequence from its "
+                "prompt with the steering attached (a cache filled that way, or a copy of it, continues its state)")
         call.length = None if new is None else past + new
         return call
 
@@ -503,7 +503,7 @@ class SteeringHandle(RunOptionAttributes, HookSet):
         # compiled, the graph steers and then chooses the result by the strength tensor (torch.where: bit-identical
         # to not steering at 0), so switching a call on and off (a pipeline's positive and negative prompts, a
         # language model's strength 0) does not make a graph of its own; a running state then moves at strength 0
-        # too, as it does not eagerly, which only a sequence whose strength changes half-way can tell
+        # too, as it does not eagerly (a crop it cannot follow then drops it rather than refusing: Sequence.cropped)
         select = compiling
         if not (select or run.active) or (run.gated and not layer.steered):
             return None

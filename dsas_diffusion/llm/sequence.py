@@ -98,7 +98,8 @@ def causal_lm_pre_forward(model: nn.Module) -> PreForward:
             followed = hooks.call.sequence
             other = cache is not None and (followed is None or followed.cache() is not cache)
             call = sequence_call(past, _new_tokens(named), carried_state(cache, hooks) if other and past else None)
-            if other:
+            # decided after the call: a sequence that starts anew (an emptied cache filled again) is followed too
+            if cache is not None and (call.sequence is None or call.sequence.cache() is not cache):
                 follow_cache(cache, hooks, call)
 
     return pre_forward
@@ -138,10 +139,18 @@ def follow_cache(cache, handle, call) -> None:
 
 
 def carried_state(cache, handle) -> tuple | None:
-    """(tokens, running state) of `handle` that `cache` carries: the state of the sequence its cache was copied
-    from, as it was when copied (a reused prompt cache continues the prompt's state); None if none."""
+    """(tokens, running state) of `handle` that `cache` carries: the state its own sequence reached before the
+    thread went on with another cache (two sequences interleaved), else the state of the sequence the cache
+    was copied from, as it was when copied (a reused prompt cache continues the prompt's state); None if none."""
     followers = getattr(cache, "__dict__", {}).get(_FOLLOWERS)
-    found = None if followers is None else followers.carried.get(id(handle))
+    if not isinstance(followers, _Followers):
+        return None
+    for sequence in reversed(followers):
+        if sequence.owner is not None and sequence.owner() is handle and not sequence.live:
+            state = sequence.state()
+            if state is not None:
+                return state
+    found = followers.carried.get(id(handle))
     return found[1] if found is not None and found[0]() is handle else None
 
 
@@ -156,10 +165,19 @@ class _Followers(list):
     def _copy(self) -> "_Followers":
         carried = dict(self.carried)
         for sequence in self:
-            state, owner = sequence.state(), sequence.owner
+            state, owner = sequence.state(), sequence.owner and sequence.owner()
             if state is not None and owner is not None:
                 carried[id(owner)] = (weakref.ref(owner), state)
         return _Followers(carried)
+
+    def rows_moved(self, move) -> None:
+        """The cache's rows moved: so do those of the states it carries (for a copy's first continuation)."""
+        for key, (owner, (length, running)) in list(self.carried.items()):
+            self.carried[key] = (owner, (length, {n: (move(m), move(c)) for n, (m, c) in running.items()}))
+
+    def cropped(self) -> None:
+        """The cache dropped tokens: the states it carries are of a longer sequence, so they go."""
+        self.carried.clear()
 
     def __copy__(self):
         return self._copy()
@@ -180,18 +198,28 @@ class _Notifying:
         return getattr(type(self.cache), self.method)(self.cache, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        followers = [f for f in self.cache.__dict__.get(_FOLLOWERS, ()) if f.live]
+        every = self.cache.__dict__.get(_FOLLOWERS, ())
+        followers = [f for f in every if f.live]
+        left = [f for f in every if not f.live]  # their state waits for the cache to be taken up again
         if self.method == "crop":
             before = cache_length(self.cache)
             out = self._run(*args, **kwargs)
             removed = before - cache_length(self.cache)
+            if removed and isinstance(every, _Followers):
+                every.cropped()
             for follower in followers:
                 follower.cropped(removed)
+            for follower in left if removed else ():
+                follower.moved_while_left(None)
             return out
         out = self._run(*args, **kwargs)
         move = _ROW_MOVES[self.method](*args, **kwargs)
+        if isinstance(every, _Followers):
+            every.rows_moved(move)
         for follower in followers:
             follower.rows_moved(move)
+        for follower in left:
+            follower.moved_while_left(move)
         return out
 
     def __deepcopy__(self, memo):

@@ -227,3 +227,99 @@ def test_at_strength_0_any_cache_runs_as_on_the_stock_model():
         handle.strength = 0.0
         got = _forward(model, torch.tensor([[7]]), torch.ones(1, n + 1, dtype=mask.dtype), copy.deepcopy(stock_cache))
     assert torch.equal(got, expected)
+
+
+def test_a_copy_moved_before_use_and_an_emptied_cache_refilled_are_followed():
+    """A copy's carried state moves with the copy's rows (reordered before its first continuation), and a cache
+    emptied and filled again is followed anew: each then equals a followed cache reordered the same way (the
+    refilled one was not followed, and its reorder missed the state)."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[:2], padding=True, padding_side="left", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    order, more = torch.tensor([1, 0]), torch.tensor([[7], [9]])
+    mask_after = torch.cat([mask[order], torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+        followed = DynamicCache(config=model.config)
+        _forward(model, ids, mask, followed)
+        followed.reorder_cache(order)
+        expected = _forward(model, more, mask_after, followed)
+        prompt_cache = DynamicCache(config=model.config)
+        _forward(model, ids, mask, prompt_cache)
+        copied = copy.deepcopy(prompt_cache)
+        copied.reorder_cache(order)
+        torch.testing.assert_close(_forward(model, more, mask_after, copied), expected, rtol=0, atol=0)
+        # beam search over a prefix cache repeats its rows first
+        four, mask_four = torch.tensor([[7], [9], [4], [5]]), torch.cat([mask.repeat_interleave(2, 0),
+                                                                          torch.ones(4, 1, dtype=mask.dtype)], 1)
+        repeated = DynamicCache(config=model.config)
+        _forward(model, ids, mask, repeated)
+        repeated.batch_repeat_interleave(2)
+        copied = copy.deepcopy(prompt_cache)
+        copied.batch_repeat_interleave(2)
+        torch.testing.assert_close(_forward(model, four, mask_four, copied), _forward(model, four, mask_four, repeated),
+                                   rtol=0, atol=0)
+        refilled = DynamicCache(config=model.config)
+        _forward(model, ids, mask, refilled)
+        refilled.reset()
+        _forward(model, ids, mask, refilled)
+        refilled.reorder_cache(order)
+        torch.testing.assert_close(_forward(model, more, mask_after, refilled), expected, rtol=0, atol=0)
+
+
+def test_a_cache_does_not_keep_a_detached_steering_alive():
+    import gc
+    import weakref
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    enc = tokenizer(PROMPTS[:1], return_tensors="pt")
+    handle = attach(fitted("llama"), model, strength=STRENGTH)
+    cache = DynamicCache(config=model.config)
+    _forward(model, enc["input_ids"], enc["attention_mask"], cache)
+    handle.detach()
+    gone = weakref.ref(handle)
+    del handle
+    gc.collect()
+    assert gone() is None and cache.get_seq_length() == enc["input_ids"].shape[1]
+
+
+def test_a_compiled_model_at_strength_0_takes_the_crops_of_prompt_lookup():
+    """Compiled, the running state moves at strength 0 too (the graph selects by the strength); a crop it cannot
+    follow (sequence gating after a call of several tokens) then drops the state instead of refusing, as eagerly."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    expected, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
+    torch._dynamo.reset()
+    try:
+        with attach(fitted("llama"), model, strength=0.0, gating="sequence"):
+            model.compile(backend="eager")
+            got, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
+
+
+def test_two_cached_sequences_interleaved_in_one_thread_each_continue_their_own_state():
+    """Each cache keeps the state its sequence left when the thread went on with the other (this was refused)."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompts = [tokenizer(PROMPTS[i:i + 1], return_tensors="pt") for i in (0, 1)]
+    steps = [(0, 7), (1, 9), (0, 4), (1, 5), (0, 11)]
+
+    def run(order):
+        caches, lengths, out = {}, {}, {}
+        for i in sorted(set(i for i, _ in order)):
+            caches[i] = DynamicCache(config=model.config)
+            lengths[i] = prompts[i]["input_ids"].shape[1]
+        for i, token in order:
+            if i not in out:
+                _forward(model, prompts[i]["input_ids"], prompts[i]["attention_mask"], caches[i])
+                out[i] = []
+            lengths[i] += 1
+            out[i].append(_forward(model, torch.tensor([[token]]), torch.ones(1, lengths[i], dtype=torch.long),
+                                   caches[i]))
+        return out
+
+    with attach(fitted("llama"), model, strength=STRENGTH, gating="causal"):
+        together = run(steps)
+        alone = {i: run([s for s in steps if s[0] == i])[i] for i in (0, 1)}
+    for i in (0, 1):
+        for a, b in zip(together[i], alone[i]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
