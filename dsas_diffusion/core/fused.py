@@ -128,7 +128,9 @@ def lambdas(
             logits = mean if not token else proj if pos.pad is None else torch.where(pos.pad, mean, proj)
     lam = activate(logits, activation)
     if floor > 0:  # lam < floor -> 0, in one op
-        lam = torch.threshold(lam, float32_below(floor), 0.0)
+        # traced, the plain function: Dynamo warns at every compile that it skips an lru_cache wrapper
+        below = float32_below.__wrapped__(floor) if torch.compiler.is_compiling() else float32_below(floor)
+        lam = torch.threshold(lam, below, 0.0)
     if pos.drop is not None:
         lam = lam.masked_fill(pos.drop, 0.0)
     if pos.rows is not None:

@@ -312,3 +312,22 @@ def test_nan_or_inf_at_padding_stays_out_of_real_positions_and_the_state(gating)
         assert torch.equal(got.lam[valid], clean.lam[valid]) and torch.equal(got.out[valid], clean.out[valid])
         assert torch.equal(got.mean, clean.mean)
         assert torch.equal(masked_mean(dirty, valid), masked_mean(x, valid))
+
+
+def test_compiling_a_lambda_floor_warns_about_nothing():
+    """The floor's float32 neighbour is cached eagerly; traced, Dynamo warned at every compile that it skipped
+    the cache wrapper."""
+    import warnings
+
+    from dsas_diffusion.core.fused import lambdas
+
+    pos = positions(2, 3, "cpu", gating="token")
+    torch._dynamo.reset()
+    f = torch.compile(lambda p: lambdas(p, pos, gating="token", floor=0.3)[0], backend="eager", fullgraph=True)
+    proj = torch.randn(2, 3, 1, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = f(proj)
+    torch._dynamo.reset()
+    assert not [w for w in seen if "lru_cache" in str(w.message)]
+    assert torch.equal(got, lambdas(proj, pos, gating="token", floor=0.3)[0])
