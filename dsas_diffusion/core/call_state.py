@@ -74,8 +74,9 @@ class SteeringCall(CallState):
 class Sequence:
     """Keeps a `SteeringCall`'s running state in step with the rows and length of one KV cache.
 
-    It acts only while it is its call's current sequence: a new generation in the same thread
-    starts another one, and the old cache, if someone still reorders it, moves nothing.
+    It moves the call's state only while it is its call's current sequence. When the thread goes on
+    with another cache, it keeps the state it reached (`state`), moved with its cache's rows and
+    forgotten on a crop, for the call that takes its cache, or a copy of it, up again.
     """
 
     def __init__(self, call: SteeringCall, gating: str, cache, skip_first: bool = False, owner=None):
