@@ -52,6 +52,8 @@ def save_artifact(directory: str | os.PathLike, config: SteeringConfig, tensors:
     pause_at = _pause_step()
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a folder path, got {directory!r} ({type(directory).__name__})")
+    if not os.fspath(directory).strip():  # Path("") is the current folder: never where anyone meant to write
+        raise ValueError("save_directory is empty; pass the folder to write the steering to (it is created if missing)")
     d = Path(directory).expanduser()
     if d.exists() and not d.is_dir():
         raise ValueError(f"save_directory {str(d)!r} is a file; pass a folder (it is created if missing)")
@@ -239,6 +241,9 @@ def resolve_files(path, hub_kwargs: dict) -> tuple[Path, Path, bool]:
         raise ValueError(f"{text!r} is a file, not a steering folder; pass the folder that holds {CONFIG_NAME} "
                          f"and {WEIGHTS_NAME}")
     local = f"no steering folder {text!r} here ({p.absolute()} does not exist)"
+    if not isinstance(path, str):  # a Path names a folder on this machine, never a hub repo
+        raise ValueError(f"{local}, and a Path is not a hub repo id like 'user/name' (pass a repo id as a string); "
+                         "check the path")
     if not _looks_like_repo_id(text):
         raise ValueError(f"{local}, and it is not a hub repo id like 'user/name'; check the path")
     return (*_hub_files(text, hub_kwargs, local), False)

@@ -348,6 +348,8 @@ def test_saving_into_a_file_is_refused(tmp_path):
         steering.save_pretrained(tmp_path / "f")
     with pytest.raises(TypeError, match="save_directory must be a folder path, got 3"):
         steering.save_pretrained(3)
+    with pytest.raises(ValueError, match="save_directory is empty"):  # it wrote into the current folder
+        steering.save_pretrained("")
 
 
 # ---- local paths first, the hub only for what looks like a repo id, never the network in tests -----
@@ -385,6 +387,19 @@ def test_paths_that_cannot_be_a_repo_id_never_reach_the_hub(offline, tmp_path):
         Steering.from_pretrained("")
     with pytest.raises(TypeError, match="path must be a steering folder or a hub repo id.*got None"):
         Steering.from_pretrained(None)
+
+
+def test_a_path_object_is_a_local_folder_never_a_repo_id(tmp_path, monkeypatch):
+    """Path("user/name") that is not here was sent to the hub (23 s of retries online before the error)."""
+    from dsas_diffusion.core import artifact
+
+    def no_hub(*a, **k):
+        raise AssertionError("a Path went to the hub")
+
+    monkeypatch.setattr(artifact, "_hub_files", no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no steering folder 'someuser/missing' here .*a Path is not a hub repo id"):
+        Steering.from_pretrained(Path("someuser/missing"))
 
 
 def test_hub_failures_become_one_clear_error(tmp_path, monkeypatch):
