@@ -63,7 +63,11 @@ def save_artifact(directory: str | os.PathLike, config: SteeringConfig, tensors:
     except (_Damaged, ValueError) as e:
         raise ValueError(f"this steering cannot be saved: {e}") from None
     created = not d.exists()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"save_directory {str(d)!r} cannot be created: a part of its path is a file, not a "
+                         "folder; pass a folder path") from None
     if created:
         fsync_directory(d.parent)
     with locked_directory(d, exclusive=True):
@@ -232,7 +236,7 @@ def resolve_files(path, hub_kwargs: dict) -> tuple[Path, Path, bool]:
     p = Path(text).expanduser()
     if p.is_dir():
         files = (p / CONFIG_NAME, p / WEIGHTS_NAME)
-        missing = [f.name for f in files if not f.is_file()]
+        missing = [f.name + (" (a folder, not a file)" if f.is_dir() else "") for f in files if not f.is_file()]
         if missing:
             raise ValueError(f"{p} is not a steering folder: {', '.join(missing)} missing "
                              "(a steering folder holds steering_config.json and steering.safetensors)")

@@ -199,7 +199,9 @@ def read_config_document(d: Any, source: str = "steering_config.json",
     steering_config.json. Every field must be there with its declared JSON type: `"false"` is
     not false, `true` is not the integer 1, and numbers are finite and in range."""
     if not isinstance(d, dict):
-        raise ValueError(f"{source} holds a JSON {type(d).__name__}, not an object; {_FIX}")
+        kind = {type(None): "null", str: "string", list: "array", bool: "boolean", int: "number",
+                float: "number"}.get(type(d), type(d).__name__)
+        raise ValueError(f"{source} holds a JSON {kind}, not an object; {_FIX}")
     version = d.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(f"{source} has no integer 'format_version'; it was not written by dsas-diffusion "

@@ -350,6 +350,13 @@ def test_saving_into_a_file_is_refused(tmp_path):
         steering.save_pretrained(3)
     with pytest.raises(ValueError, match="save_directory is empty"):  # it wrote into the current folder
         steering.save_pretrained("")
+    with pytest.raises(ValueError, match="cannot be created: a part of its path is a file"):
+        steering.save_pretrained(tmp_path / "f" / "sub")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "steering_config.json").write_text("{}")
+    (tmp_path / "d" / "steering.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"steering.safetensors \(a folder, not a file\) missing"):
+        Steering.from_pretrained(tmp_path / "d")
 
 
 # ---- local paths first, the hub only for what looks like a repo id, never the network in tests -----

@@ -121,7 +121,8 @@ def test_a_damaged_config_is_refused_naming_the_field(saved, tmp_path, path, val
 
 
 RAW_JSON_CASES = [
-    ("a-json-array", lambda text: b"[1, 2]", r"holds a JSON list, not an object"),
+    ("a-json-array", lambda text: b"[1, 2]", r"holds a JSON array, not an object"),
+    ("a-json-null", lambda text: b"null", r"holds a JSON null, not an object"),
     ("repeated-key", lambda text: text.replace('"gating": "token"', '"gating": "token", "gating": "sequence"').encode(),
      r"repeats the keys \['gating'\]"),
     ("not-utf8", lambda text: text.encode("utf-16"), r"is not UTF-8 text"),
