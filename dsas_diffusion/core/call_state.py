@@ -27,6 +27,11 @@ State = tuple[torch.Tensor, torch.Tensor]  # running (mean of logits, count of r
 RowMap = Callable[[torch.Tensor], torch.Tensor]  # the same move of the batch rows (dim 0), for any tensor
 
 
+def moved_states(states: dict[str, State], move: RowMap) -> dict[str, State]:
+    """Every layer's running (mean, count) with its rows moved by `move`."""
+    return {name: (move(mean), move(count)) for name, (mean, count) in states.items()}
+
+
 @dataclass(frozen=True)
 class RowsMoved:
     """A marker among a layer's recorded lambdas: the rows recorded before it moved like this."""
@@ -98,7 +103,7 @@ class Sequence:
         left this sequence: the state it left moves alike, for the call that takes the cache up again."""
         if self._left is not None:
             length, running = self._left
-            self._left = None if move is None else (length, {n: (move(m), move(c)) for n, (m, c) in running.items()})
+            self._left = None if move is None else (length, moved_states(running, move))
 
     def state(self) -> tuple[int, dict[str, State]] | None:
         """(tokens, running state) this sequence's cache holds a state for: the call's while it is live, the state
@@ -117,10 +122,8 @@ class Sequence:
     def rows_moved(self, move: RowMap) -> None:
         """The cache's rows moved (reordered, selected or repeated): move every per-row tensor alike."""
         call = self.call
-        for name, (mean, count) in list(call.running.items()):
-            call.running[name] = (move(mean), move(count))
-        for name, (mean, count) in list(call.before.items()):
-            call.before[name] = (move(mean), move(count))
+        call.running.update(moved_states(call.running, move))
+        call.before.update(moved_states(call.before, move))
         for name, proj in list(call.undo.items()):
             call.undo[name] = move(proj)
         if call.valid is not None:

@@ -100,8 +100,8 @@ def positions(
     if masks:
         drop = seen == 0  # left padding, and the first real token when it is skipped (no longer counted)
     pad = None
-    if valid is not None and gating == "token":
-        pad = ~valid.to(device=device, dtype=torch.bool).unsqueeze(-1)
+    if vb is not None and gating == "token":
+        pad = ~vb
     if rows is not None:
         rows = rows.to(device=device, dtype=torch.float32).view(b, 1, 1)
     seen = seen.clamp_min(1) if causal and seen is not None else None

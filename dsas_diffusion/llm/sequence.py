@@ -23,6 +23,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..core.call_state import moved_states
 from ..core.hooks import HookSet, PreForward
 from ..core.steering import register_default_pre_forward
 
@@ -171,13 +172,21 @@ class _Followers(list):
         return _Followers(carried)
 
     def rows_moved(self, move) -> None:
-        """The cache's rows moved: so do those of the states it carries (for a copy's first continuation)."""
+        """The cache's rows moved: so do those of the states it holds for calls not on it now (what a copy
+        carries, what a sequence left), for the call that continues it."""
         for key, (owner, (length, running)) in list(self.carried.items()):
-            self.carried[key] = (owner, (length, {n: (move(m), move(c)) for n, (m, c) in running.items()}))
+            self.carried[key] = (owner, (length, moved_states(running, move)))
+        for sequence in self:
+            if not sequence.live:
+                sequence.moved_while_left(move)
 
     def cropped(self) -> None:
-        """The cache dropped tokens: the states it carries are of a longer sequence, so they go."""
+        """The cache dropped tokens: the states it holds for calls not on it now are of a longer sequence, so
+        they go."""
         self.carried.clear()
+        for sequence in self:
+            if not sequence.live:
+                sequence.moved_while_left(None)
 
     def __copy__(self):
         return self._copy()
@@ -198,28 +207,22 @@ class _Notifying:
         return getattr(type(self.cache), self.method)(self.cache, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        every = self.cache.__dict__.get(_FOLLOWERS, ())
+        every = self.cache.__dict__.get(_FOLLOWERS, _Followers())
         followers = [f for f in every if f.live]
-        left = [f for f in every if not f.live]  # their state waits for the cache to be taken up again
         if self.method == "crop":
             before = cache_length(self.cache)
             out = self._run(*args, **kwargs)
             removed = before - cache_length(self.cache)
-            if removed and isinstance(every, _Followers):
+            if removed:
                 every.cropped()
             for follower in followers:
                 follower.cropped(removed)
-            for follower in left if removed else ():
-                follower.moved_while_left(None)
             return out
         out = self._run(*args, **kwargs)
         move = _ROW_MOVES[self.method](*args, **kwargs)
-        if isinstance(every, _Followers):
-            every.rows_moved(move)
+        every.rows_moved(move)
         for follower in followers:
             follower.rows_moved(move)
-        for follower in left:
-            follower.moved_while_left(move)
         return out
 
     def __deepcopy__(self, memo):

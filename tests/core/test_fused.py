@@ -321,13 +321,15 @@ def test_compiling_a_lambda_floor_warns_about_nothing():
 
     from dsas_diffusion.core.fused import lambdas
 
+    from tests.graph_counts import counting
+
     pos = positions(2, 3, "cpu", gating="token")
-    torch._dynamo.reset()
-    f = torch.compile(lambda p: lambdas(p, pos, gating="token", floor=0.3)[0], backend="eager", fullgraph=True)
     proj = torch.randn(2, 3, 1, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(record=True) as seen:
+    with counting() as compiled, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        f = torch.compile(lambda p: lambdas(p, pos, gating="token", floor=0.3)[0], backend=compiled.backend,
+                          fullgraph=True)
         got = f(proj)
-    torch._dynamo.reset()
     assert not [w for w in seen if "lru_cache" in str(w.message)]
+    assert compiled.graphs == 1 and not compiled.breaks
     assert torch.equal(got, lambdas(proj, pos, gating="token", floor=0.3)[0])

@@ -285,16 +285,19 @@ def test_a_cache_does_not_keep_a_detached_steering_alive():
 def test_a_compiled_model_at_strength_0_takes_the_crops_of_prompt_lookup():
     """Compiled, the running state moves at strength 0 too (the graph selects by the strength); a crop it cannot
     follow (sequence gating after a call of several tokens) then drops the state instead of refusing, as eagerly."""
+    from tests.graph_counts import counting
+
     model, tokenizer = make_model("llama"), make_tokenizer()
     expected, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
-    torch._dynamo.reset()
-    try:
-        with attach(fitted("llama"), model, strength=0.0, gating="sequence"):
-            model.compile(backend="eager")
-            got, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
-    finally:
-        torch._dynamo.reset()
+    with counting() as stock:  # the same calls on a stock copy compiled alike: as many graphs, not an eager fall-back
+        stock_model = make_model("llama")
+        stock_model.compile(backend=stock.backend)
+        generate(stock_model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
+    with counting() as seen, attach(fitted("llama"), model, strength=0.0, gating="sequence"):
+        model.compile(backend=seen.backend)
+        got, _ = generate(model, tokenizer, LOOKUP, max_new_tokens=8, prompt_lookup_num_tokens=3)
     assert torch.equal(got, expected)
+    assert seen.graphs == stock.graphs and not seen.breaks and not stock.breaks, (stock, seen)
 
 
 def test_two_cached_sequences_interleaved_in_one_thread_each_continue_their_own_state():
